@@ -1,0 +1,71 @@
+"""embkv: an embedding store. One copy of each table per host, read zero-copy by every worker.
+
+Quick start::
+
+    import numpy as np
+    import embkv
+
+    store = embkv.open("/dev/shm/shop")                      # a folder of tables, created if missing
+    items = store.create_table("items", dim=64)              # float32 vectors, int64 keys
+    items.put(np.array([7, 42]), np.random.rand(2, 64))      # upsert a batch
+    vectors, found = items.get([7, 8])                       # [2, 64] array, found == [True, False]
+
+    # in every worker process (gunicorn/uvicorn workers, DataLoader workers):
+    reader = embkv.open("/dev/shm/shop", readonly=True)["items"]
+
+    # rebuild a whole table and publish it atomically; readers switch on their next call
+    store.load_table("items", keys, vectors)
+
+See ARCHITECTURE.md for the file format and the concurrency protocol.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CorruptTableError,
+    EmbkvError,
+    FormatVersionError,
+    KeyTypeError,
+    NotATableError,
+    ReadOnlyError,
+    ReadRetryError,
+    SchemaError,
+    StoreNotFoundError,
+    TableClosedError,
+    TableExistsError,
+    TableNotFoundError,
+    TruncatedTableError,
+    WriterLockedError,
+)
+from .format import FORMAT_VERSION
+from .kernels import BACKEND as KERNEL_BACKEND
+from .store import Store, open_store
+from .table import Table
+
+open = open_store  # noqa: A001 - `embkv.open(path)` is the documented entry point
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KERNEL_BACKEND",
+    "CorruptTableError",
+    "EmbkvError",
+    "FormatVersionError",
+    "KeyTypeError",
+    "NotATableError",
+    "ReadOnlyError",
+    "ReadRetryError",
+    "SchemaError",
+    "Store",
+    "StoreNotFoundError",
+    "Table",
+    "TableClosedError",
+    "TableExistsError",
+    "TableNotFoundError",
+    "TruncatedTableError",
+    "WriterLockedError",
+    "__version__",
+    "open",
+    "open_store",
+]

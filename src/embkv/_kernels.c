@@ -1,0 +1,960 @@
+/*
+ * embkv._kernels: the compiled hot path of embkv.
+ *
+ * A View wraps one mapped table file (see format.py and ARCHITECTURE.md for the layout)
+ * and runs the per-key work of lookups, upserts and deletes without a Python loop.
+ *
+ * Concurrency protocol (single writer per table, any number of readers, across processes):
+ *   - every row starts with a 64-bit sequence number (a seqlock): odd while the writer
+ *     rewrites the row, even otherwise; readers copy, then re-read the sequence and retry
+ *     when it moved, so they never return a torn vector and never block the writer;
+ *   - upserts are copy-on-write at the row level: a new row is written completely, then the
+ *     index slot is switched to it with one release store, then the old row goes to the free
+ *     list. A referenced row is therefore never half-written, even if the writer is killed;
+ *   - a freed row may be reused at once. Readers detect that through the row's own key
+ *     (checked under the seqlock) and re-read the slot.
+ *
+ * Everything read from the file is bounds-checked: a corrupt or hostile file yields an
+ * error code, never an out-of-bounds access.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <sched.h>
+
+#define XXH_INLINE_ALL
+#include "_vendor/xxhash.h"
+
+#define SLOT_EMPTY 0ULL
+#define SLOT_TOMB UINT64_MAX
+
+#define KEY_INT 1
+#define KEY_STR 2
+
+/* indices into the mutable counter block of the header (format.COUNTERS_OFFSET) */
+#define C_GENERATION 0
+#define C_LIVE 1
+#define C_ROWS_USED 2
+#define C_FREE 3
+#define C_HEAP_USED 4
+#define C_TOMBS 5
+#define C_SUPERSEDED 6
+#define C_DIRTY 7
+
+#define COUNTERS_OFFSET 128
+#define SPIN_BUDGET 200000
+#define GIL_RELEASE_MIN 64
+
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STORE_RLX(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+/* result codes of the per-key routines */
+#define R_MISS 0
+#define R_HIT 1
+#define R_CORRUPT -1
+#define R_BUSY -2
+
+typedef struct {
+    uint64_t key; /* int key, or 64-bit xxh3 hash of a string key */
+    uint64_t row; /* 0 empty, UINT64_MAX tombstone, else row index + 1 */
+} slot_t;
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer buf;
+    int has_buf;
+    int writable;
+    char *base;
+    uint64_t size;
+    uint64_t slot_count;
+    uint64_t mask;
+    uint64_t row_capacity;
+    uint64_t heap_capacity;
+    uint64_t row_stride;
+    uint64_t row_header;
+    uint64_t vec_bytes;
+    int key_type;
+    slot_t *slots;
+    char *rows;
+    uint64_t *freelist;
+    char *heap;
+    uint64_t *ctr;
+} View;
+
+static PyObject *CorruptError; /* set from Python: embkv.errors.CorruptTableError */
+static PyObject *BusyError;    /* set from Python: embkv.errors.ReadRetryError */
+
+static inline uint64_t mix64(uint64_t x)
+{
+    /* splitmix64 finalizer: real keys are often sequential or strided, this spreads them */
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+static inline uint64_t *row_meta(View *v, uint64_t r) { return (uint64_t *)(v->rows + r * v->row_stride); }
+static inline char *row_vec(View *v, uint64_t r) { return v->rows + r * v->row_stride + v->row_header; }
+
+static inline void backoff(uint64_t budget)
+{
+    if ((budget & 63) == 0)
+        sched_yield();
+    else
+        CPU_RELAX();
+}
+
+static int check_range(uint64_t off, uint64_t len, uint64_t size)
+{
+    uint64_t end;
+    if (__builtin_add_overflow(off, len, &end))
+        return 0;
+    return end <= size;
+}
+
+/* ---------------------------------------------------------------- View lifecycle */
+
+static int View_init(View *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *obj;
+    int writable, key_type;
+    unsigned long long slot_count, row_capacity, heap_capacity, index_off, rows_off, free_off, heap_off;
+    unsigned long long row_stride, row_header, vec_bytes;
+    if (!PyArg_ParseTuple(args, "OpiKKKKKKKKKK", &obj, &writable, &key_type, &slot_count, &row_capacity,
+                          &heap_capacity, &index_off, &rows_off, &free_off, &heap_off, &row_stride, &row_header,
+                          &vec_bytes))
+        return -1;
+    if (self->has_buf) {
+        PyBuffer_Release(&self->buf);
+        self->has_buf = 0;
+    }
+    if (PyObject_GetBuffer(obj, &self->buf, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        return -1;
+    self->has_buf = 1;
+    self->writable = writable;
+    self->base = (char *)self->buf.buf;
+    self->size = (uint64_t)self->buf.len;
+    uint64_t idx_bytes, row_bytes, free_bytes;
+    int bad = 0;
+    bad |= (key_type != KEY_INT && key_type != KEY_STR);
+    bad |= (slot_count == 0 || (slot_count & (slot_count - 1)) != 0);
+    bad |= (row_header != (key_type == KEY_INT ? 16u : 32u));
+    bad |= (vec_bytes == 0 || row_header + vec_bytes > row_stride || (row_stride % 8) != 0);
+    bad |= (index_off % 8) || (rows_off % 8) || (free_off % 8);
+    bad |= __builtin_mul_overflow(slot_count, (uint64_t)sizeof(slot_t), &idx_bytes);
+    bad |= __builtin_mul_overflow(row_capacity, row_stride, &row_bytes);
+    bad |= __builtin_mul_overflow(row_capacity, (uint64_t)8, &free_bytes);
+    if (!bad) {
+        bad |= !check_range(COUNTERS_OFFSET, 8 * 8, self->size);
+        bad |= !check_range(index_off, idx_bytes, self->size);
+        bad |= !check_range(rows_off, row_bytes, self->size);
+        bad |= !check_range(free_off, free_bytes, self->size);
+        bad |= !check_range(heap_off, heap_capacity, self->size);
+    }
+    if (bad) {
+        PyBuffer_Release(&self->buf);
+        self->has_buf = 0;
+        PyErr_SetString(CorruptError ? CorruptError : PyExc_ValueError,
+                        "table layout does not fit the mapped file");
+        return -1;
+    }
+    self->slot_count = slot_count;
+    self->mask = slot_count - 1;
+    self->row_capacity = row_capacity;
+    self->heap_capacity = heap_capacity;
+    self->row_stride = row_stride;
+    self->row_header = row_header;
+    self->vec_bytes = vec_bytes;
+    self->key_type = key_type;
+    self->slots = (slot_t *)(self->base + index_off);
+    self->rows = self->base + rows_off;
+    self->freelist = (uint64_t *)(self->base + free_off);
+    self->heap = self->base + heap_off;
+    self->ctr = (uint64_t *)(self->base + COUNTERS_OFFSET);
+    return 0;
+}
+
+static void View_dealloc(View *self)
+{
+    if (self->has_buf)
+        PyBuffer_Release(&self->buf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *View_release(View *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->has_buf) {
+        PyBuffer_Release(&self->buf);
+        self->has_buf = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static int require_open(View *self, int write)
+{
+    if (!self->has_buf) {
+        PyErr_SetString(PyExc_ValueError, "view is released");
+        return -1;
+    }
+    if (write && !self->writable) {
+        PyErr_SetString(PyExc_PermissionError, "view is read-only");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- reads */
+
+static int find_int(View *v, uint64_t key, char *dst, uint64_t *row_out)
+{
+    uint64_t j = mix64(key) & v->mask;
+    uint64_t budget = SPIN_BUDGET;
+    uint64_t step = 0;
+    while (step < v->slot_count) {
+        slot_t *s = &v->slots[j];
+        uint64_t srow = LOAD_ACQ(&s->row);
+        if (srow == SLOT_EMPTY)
+            return R_MISS;
+        if (srow == SLOT_TOMB || LOAD_RLX(&s->key) != key) {
+            j = (j + 1) & v->mask;
+            step++;
+            continue;
+        }
+        uint64_t r = srow - 1;
+        if (r >= v->row_capacity)
+            return R_CORRUPT;
+        uint64_t *meta = row_meta(v, r);
+        uint64_t s1 = LOAD_ACQ(&meta[0]);
+        if (!(s1 & 1)) {
+            uint64_t rk = LOAD_RLX(&meta[1]);
+            if (dst)
+                memcpy(dst, row_vec(v, r), v->vec_bytes);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (LOAD_RLX(&meta[0]) == s1) {
+                if (rk == key) {
+                    if (row_out)
+                        *row_out = r;
+                    return R_HIT;
+                }
+                /* a stable row holding another key: skip the slot if it still points here,
+                 * otherwise the writer moved it and the slot is read again */
+                if (LOAD_ACQ(&s->row) == srow) {
+                    j = (j + 1) & v->mask;
+                    step++;
+                    continue;
+                }
+            }
+        }
+        if (--budget == 0)
+            return R_BUSY;
+        backoff(budget);
+    }
+    return R_MISS;
+}
+
+static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst, uint64_t *row_out)
+{
+    uint64_t j = h & v->mask;
+    uint64_t budget = SPIN_BUDGET;
+    uint64_t step = 0;
+    while (step < v->slot_count) {
+        slot_t *s = &v->slots[j];
+        uint64_t srow = LOAD_ACQ(&s->row);
+        if (srow == SLOT_EMPTY)
+            return R_MISS;
+        if (srow == SLOT_TOMB || LOAD_RLX(&s->key) != h) {
+            j = (j + 1) & v->mask;
+            step++;
+            continue;
+        }
+        uint64_t r = srow - 1;
+        if (r >= v->row_capacity)
+            return R_CORRUPT;
+        uint64_t *meta = row_meta(v, r);
+        uint64_t s1 = LOAD_ACQ(&meta[0]);
+        if (!(s1 & 1)) {
+            uint64_t rh = LOAD_RLX(&meta[1]);
+            uint64_t off = LOAD_RLX(&meta[2]);
+            uint64_t len = LOAD_RLX(&meta[3]);
+            int same = 0;
+            if (rh == h && len == kl && check_range(off, len, v->heap_capacity))
+                same = (memcmp(v->heap + off, kb, kl) == 0);
+            if (same && dst)
+                memcpy(dst, row_vec(v, r), v->vec_bytes);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (LOAD_RLX(&meta[0]) == s1) {
+                if (same) {
+                    if (row_out)
+                        *row_out = r;
+                    return R_HIT;
+                }
+                /* same hash, other key (a collision) or a reused row: see find_int */
+                if (LOAD_ACQ(&s->row) == srow) {
+                    j = (j + 1) & v->mask;
+                    step++;
+                    continue;
+                }
+            }
+        }
+        if (--budget == 0)
+            return R_BUSY;
+        backoff(budget);
+    }
+    return R_MISS;
+}
+
+static PyObject *raise_code(int code, uint64_t i)
+{
+    if (code == R_CORRUPT)
+        PyErr_Format(CorruptError ? CorruptError : PyExc_ValueError,
+                     "index points outside the row area (key #%llu): the table file is corrupt",
+                     (unsigned long long)i);
+    else
+        PyErr_Format(BusyError ? BusyError : PyExc_RuntimeError,
+                     "row of key #%llu kept changing during %d read attempts", (unsigned long long)i,
+                     SPIN_BUDGET);
+    return NULL;
+}
+
+/* packed string keys: hashes (u64[n]), offsets (u64[n+1]) into blob */
+typedef struct {
+    Py_buffer hb, ob, bb;
+    const uint64_t *hashes;
+    const uint64_t *offs;
+    const char *blob;
+    uint64_t n;
+} packed_t;
+
+static void packed_release(packed_t *p)
+{
+    PyBuffer_Release(&p->hb);
+    PyBuffer_Release(&p->ob);
+    PyBuffer_Release(&p->bb);
+}
+
+static int packed_get(PyObject *h, PyObject *o, PyObject *b, packed_t *p)
+{
+    memset(p, 0, sizeof(*p));
+    if (PyObject_GetBuffer(h, &p->hb, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(o, &p->ob, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&p->hb);
+        return -1;
+    }
+    if (PyObject_GetBuffer(b, &p->bb, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&p->hb);
+        PyBuffer_Release(&p->ob);
+        return -1;
+    }
+    p->n = (uint64_t)p->hb.len / 8;
+    p->hashes = (const uint64_t *)p->hb.buf;
+    p->offs = (const uint64_t *)p->ob.buf;
+    p->blob = (const char *)p->bb.buf;
+    int bad = (p->hb.len % 8) != 0 || (uint64_t)p->ob.len != 8 * (p->n + 1);
+    if (!bad) {
+        bad = p->offs[0] != 0 || p->offs[p->n] != (uint64_t)p->bb.len;
+        for (uint64_t i = 0; !bad && i < p->n; i++)
+            bad = p->offs[i] > p->offs[i + 1];
+    }
+    if (bad) {
+        packed_release(p);
+        PyErr_SetString(PyExc_ValueError, "malformed packed string keys");
+        return -1;
+    }
+    return 0;
+}
+
+/* get(keys..., out, found, default) -> number found, or -1 when the file was superseded */
+static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, uint64_t n, PyObject *out_o,
+                        PyObject *found_o, PyObject *default_o)
+{
+    Py_buffer out = {0}, found = {0}, dflt = {0};
+    int have_out = out_o != Py_None, have_dflt = default_o != Py_None;
+    PyObject *res = NULL;
+    if (have_out && PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(found_o, &found, PyBUF_WRITABLE) < 0)
+        goto done_out;
+    if (have_dflt && PyObject_GetBuffer(default_o, &dflt, PyBUF_SIMPLE) < 0)
+        goto done_found;
+    if ((have_out && (uint64_t)out.len != n * self->vec_bytes) || (uint64_t)found.len != n ||
+        (have_dflt && (uint64_t)dflt.len != self->vec_bytes)) {
+        PyErr_SetString(PyExc_ValueError, "output buffers do not match the batch");
+        goto done_all;
+    }
+    if (LOAD_ACQ(&self->ctr[C_SUPERSEDED])) {
+        res = PyLong_FromLong(-1);
+        goto done_all;
+    }
+    char *o = have_out ? (char *)out.buf : NULL;
+    uint8_t *f = (uint8_t *)found.buf;
+    const char *d = have_dflt ? (const char *)dflt.buf : NULL;
+    uint64_t hits = 0, bad_i = 0;
+    int code = 0;
+    int release = n >= GIL_RELEASE_MIN;
+    PyThreadState *ts = NULL;
+    if (release)
+        ts = PyEval_SaveThread();
+    for (uint64_t i = 0; i < n; i++) {
+        char *dst = o ? o + i * self->vec_bytes : NULL;
+        int r = ikeys ? find_int(self, (uint64_t)ikeys[i], dst, NULL)
+                      : find_str(self, pk->hashes[i], pk->blob + pk->offs[i], pk->offs[i + 1] - pk->offs[i], dst,
+                                 NULL);
+        if (r < 0) {
+            code = r;
+            bad_i = i;
+            break;
+        }
+        f[i] = (uint8_t)r;
+        hits += (uint64_t)r;
+        if (!r && dst) {
+            if (d)
+                memcpy(dst, d, self->vec_bytes);
+            else
+                memset(dst, 0, self->vec_bytes);
+        }
+    }
+    if (release)
+        PyEval_RestoreThread(ts);
+    if (code < 0)
+        raise_code(code, bad_i);
+    else
+        res = PyLong_FromUnsignedLongLong(hits);
+done_all:
+    if (have_dflt)
+        PyBuffer_Release(&dflt);
+done_found:
+    PyBuffer_Release(&found);
+done_out:
+    if (have_out)
+        PyBuffer_Release(&out);
+    return res;
+}
+
+static PyObject *View_get_int(View *self, PyObject *args)
+{
+    PyObject *keys_o, *out_o, *found_o, *default_o;
+    if (!PyArg_ParseTuple(args, "OOOO", &keys_o, &out_o, &found_o, &default_o))
+        return NULL;
+    if (require_open(self, 0) < 0)
+        return NULL;
+    if (self->key_type != KEY_INT) {
+        PyErr_SetString(PyExc_TypeError, "table has string keys");
+        return NULL;
+    }
+    Py_buffer kb;
+    if (PyObject_GetBuffer(keys_o, &kb, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (kb.len % 8) {
+        PyBuffer_Release(&kb);
+        PyErr_SetString(PyExc_ValueError, "keys must be int64");
+        return NULL;
+    }
+    PyObject *res = do_get(self, (const int64_t *)kb.buf, NULL, (uint64_t)kb.len / 8, out_o, found_o, default_o);
+    PyBuffer_Release(&kb);
+    return res;
+}
+
+static PyObject *View_get_str(View *self, PyObject *args)
+{
+    PyObject *h, *o, *b, *out_o, *found_o, *default_o;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &h, &o, &b, &out_o, &found_o, &default_o))
+        return NULL;
+    if (require_open(self, 0) < 0)
+        return NULL;
+    if (self->key_type != KEY_STR) {
+        PyErr_SetString(PyExc_TypeError, "table has int keys");
+        return NULL;
+    }
+    packed_t pk;
+    if (packed_get(h, o, b, &pk) < 0)
+        return NULL;
+    PyObject *res = do_get(self, NULL, &pk, pk.n, out_o, found_o, default_o);
+    packed_release(&pk);
+    return res;
+}
+
+/* ---------------------------------------------------------------- writes (one writer, lock held by caller) */
+
+static int alloc_row(View *v, uint64_t *r)
+{
+    uint64_t nfree = v->ctr[C_FREE];
+    if (nfree > 0) {
+        if (nfree > v->row_capacity)
+            return R_CORRUPT;
+        uint64_t cand = v->freelist[nfree - 1];
+        if (cand >= v->row_capacity)
+            return R_CORRUPT;
+        /* count first: a crash after this leaks one row (recovered on reopen), never reuses one twice */
+        STORE_RLX(&v->ctr[C_FREE], nfree - 1);
+        *r = cand;
+        return 0;
+    }
+    uint64_t used = v->ctr[C_ROWS_USED];
+    if (used >= v->row_capacity)
+        return R_CORRUPT; /* pre-checked by the caller; reaching this means the counters lie */
+    STORE_RLX(&v->ctr[C_ROWS_USED], used + 1);
+    *r = used;
+    return 0;
+}
+
+static void free_row(View *v, uint64_t r)
+{
+    uint64_t nfree = v->ctr[C_FREE];
+    if (nfree >= v->row_capacity)
+        return; /* cannot happen with sane counters; leaking is the safe answer */
+    v->freelist[nfree] = r;
+    STORE_REL(&v->ctr[C_FREE], nfree + 1);
+}
+
+static void write_row(View *v, uint64_t r, const uint64_t *meta, int nmeta, const char *vec)
+{
+    uint64_t *m = row_meta(v, r);
+    uint64_t seq = m[0];
+    if (seq & 1) /* left odd by a writer killed mid-row: the row was unreferenced, just move on */
+        seq++;
+    STORE_RLX(&m[0], seq + 1);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    for (int i = 0; i < nmeta; i++)
+        STORE_RLX(&m[1 + i], meta[i]);
+    memcpy(row_vec(v, r), vec, v->vec_bytes);
+    STORE_REL(&m[0], seq + 2);
+}
+
+/* locate key for the writer: *slot_out = matching slot, or the slot to insert at */
+static int writer_probe(View *v, uint64_t slotkey, const char *kb, uint64_t kl, uint64_t start, uint64_t *slot_out,
+                        int *found)
+{
+    uint64_t j = start & v->mask;
+    uint64_t first_tomb = UINT64_MAX;
+    for (uint64_t step = 0; step < v->slot_count; step++) {
+        uint64_t srow = v->slots[j].row;
+        if (srow == SLOT_EMPTY) {
+            *slot_out = first_tomb != UINT64_MAX ? first_tomb : j;
+            *found = 0;
+            return 0;
+        }
+        if (srow == SLOT_TOMB) {
+            if (first_tomb == UINT64_MAX)
+                first_tomb = j;
+        } else if (v->slots[j].key == slotkey) {
+            uint64_t r = srow - 1;
+            if (r >= v->row_capacity)
+                return R_CORRUPT;
+            int same = 1;
+            if (v->key_type == KEY_STR) {
+                uint64_t *m = row_meta(v, r);
+                same = m[3] == kl && check_range(m[2], m[3], v->heap_capacity) && memcmp(v->heap + m[2], kb, kl) == 0;
+            }
+            if (same) {
+                *slot_out = j;
+                *found = 1;
+                return 0;
+            }
+        }
+        j = (j + 1) & v->mask;
+    }
+    if (first_tomb != UINT64_MAX) {
+        *slot_out = first_tomb;
+        *found = 0;
+        return 0;
+    }
+    return R_CORRUPT; /* a full index never happens under the load-factor cap */
+}
+
+static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const char *vec)
+{
+    uint64_t start = v->key_type == KEY_INT ? mix64(slotkey) : slotkey;
+    uint64_t j, r;
+    int found, rc;
+    if ((rc = writer_probe(v, slotkey, kb, kl, start, &j, &found)) < 0)
+        return rc;
+    if ((rc = alloc_row(v, &r)) < 0)
+        return rc;
+    slot_t *s = &v->slots[j];
+    if (v->key_type == KEY_INT) {
+        uint64_t meta[1] = {slotkey};
+        write_row(v, r, meta, 1, vec);
+    } else {
+        uint64_t meta[3] = {slotkey, 0, kl};
+        if (found) {
+            meta[1] = row_meta(v, s->row - 1)[2]; /* same key bytes: share them */
+        } else {
+            uint64_t used = v->ctr[C_HEAP_USED];
+            if (!check_range(used, kl, v->heap_capacity))
+                return R_CORRUPT; /* pre-checked */
+            memcpy(v->heap + used, kb, kl);
+            STORE_REL(&v->ctr[C_HEAP_USED], used + kl);
+            meta[1] = used;
+        }
+        write_row(v, r, meta, 3, vec);
+    }
+    if (found) {
+        uint64_t old = s->row - 1;
+        STORE_REL(&s->row, r + 1);
+        free_row(v, old);
+    } else {
+        if (s->row == SLOT_TOMB)
+            v->ctr[C_TOMBS]--;
+        STORE_RLX(&s->key, slotkey);
+        STORE_REL(&s->row, r + 1);
+        v->ctr[C_LIVE]++;
+    }
+    return 0;
+}
+
+static int room_for(View *v, uint64_t n, uint64_t heap_bytes)
+{
+    uint64_t cap = v->row_capacity, used = v->ctr[C_ROWS_USED], nfree = v->ctr[C_FREE];
+    if (used > cap || nfree > cap)
+        return R_CORRUPT;
+    if (nfree + (cap - used) < n)
+        return 0;
+    uint64_t occupied = v->ctr[C_LIVE] + v->ctr[C_TOMBS];
+    if ((occupied + n) * 4 > v->slot_count * 3)
+        return 0;
+    if (heap_bytes && v->ctr[C_HEAP_USED] + heap_bytes > v->heap_capacity)
+        return 0;
+    return 1;
+}
+
+/* put_int(keys, vectors) -> True, or False when the table must grow first (nothing written) */
+static PyObject *View_put_int(View *self, PyObject *args)
+{
+    Py_buffer kb, vb;
+    if (!PyArg_ParseTuple(args, "y*y*", &kb, &vb))
+        return NULL;
+    PyObject *res = NULL;
+    uint64_t n = (uint64_t)kb.len / 8, i = 0;
+    int rc = 0;
+    if (require_open(self, 1) < 0)
+        goto out;
+    if (self->key_type != KEY_INT || kb.len % 8 || (uint64_t)vb.len != n * self->vec_bytes) {
+        PyErr_SetString(PyExc_ValueError, "keys/vectors do not match an int-keyed table");
+        goto out;
+    }
+    rc = room_for(self, n, 0);
+    if (rc <= 0) {
+        if (rc < 0)
+            raise_code(rc, 0);
+        else
+            res = Py_NewRef(Py_False);
+        goto out;
+    }
+    const int64_t *keys = (const int64_t *)kb.buf;
+    const char *vecs = (const char *)vb.buf;
+    Py_BEGIN_ALLOW_THREADS for (i = 0; i < n; i++)
+    {
+        if ((rc = put_one(self, (uint64_t)keys[i], NULL, 0, vecs + i * self->vec_bytes)) < 0)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    self->ctr[C_GENERATION]++;
+    if (rc < 0)
+        raise_code(rc, i);
+    else
+        res = Py_NewRef(Py_True);
+out:
+    PyBuffer_Release(&kb);
+    PyBuffer_Release(&vb);
+    return res;
+}
+
+static PyObject *View_put_str(View *self, PyObject *args)
+{
+    PyObject *h, *o, *b;
+    Py_buffer vb;
+    if (!PyArg_ParseTuple(args, "OOOy*", &h, &o, &b, &vb))
+        return NULL;
+    PyObject *res = NULL;
+    packed_t pk;
+    int rc = 0;
+    uint64_t i = 0;
+    if (require_open(self, 1) < 0) {
+        PyBuffer_Release(&vb);
+        return NULL;
+    }
+    if (packed_get(h, o, b, &pk) < 0) {
+        PyBuffer_Release(&vb);
+        return NULL;
+    }
+    if (self->key_type != KEY_STR || (uint64_t)vb.len != pk.n * self->vec_bytes) {
+        PyErr_SetString(PyExc_ValueError, "keys/vectors do not match a string-keyed table");
+        goto out;
+    }
+    rc = room_for(self, pk.n, pk.offs[pk.n]);
+    if (rc <= 0) {
+        if (rc < 0)
+            raise_code(rc, 0);
+        else
+            res = Py_NewRef(Py_False);
+        goto out;
+    }
+    const char *vecs = (const char *)vb.buf;
+    Py_BEGIN_ALLOW_THREADS for (i = 0; i < pk.n; i++)
+    {
+        rc = put_one(self, pk.hashes[i], pk.blob + pk.offs[i], pk.offs[i + 1] - pk.offs[i], vecs + i * self->vec_bytes);
+        if (rc < 0)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    self->ctr[C_GENERATION]++;
+    if (rc < 0)
+        raise_code(rc, i);
+    else
+        res = Py_NewRef(Py_True);
+out:
+    packed_release(&pk);
+    PyBuffer_Release(&vb);
+    return res;
+}
+
+static int delete_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl)
+{
+    uint64_t start = v->key_type == KEY_INT ? mix64(slotkey) : slotkey;
+    uint64_t j;
+    int found, rc;
+    if ((rc = writer_probe(v, slotkey, kb, kl, start, &j, &found)) < 0)
+        return rc;
+    if (!found)
+        return 0;
+    uint64_t old = v->slots[j].row - 1;
+    STORE_REL(&v->slots[j].row, SLOT_TOMB);
+    free_row(v, old);
+    v->ctr[C_LIVE]--;
+    v->ctr[C_TOMBS]++;
+    return 1;
+}
+
+static PyObject *View_delete_int(View *self, PyObject *args)
+{
+    Py_buffer kb;
+    if (!PyArg_ParseTuple(args, "y*", &kb))
+        return NULL;
+    PyObject *res = NULL;
+    if (require_open(self, 1) == 0) {
+        if (self->key_type != KEY_INT || kb.len % 8) {
+            PyErr_SetString(PyExc_ValueError, "keys do not match an int-keyed table");
+        } else {
+            const int64_t *keys = (const int64_t *)kb.buf;
+            uint64_t n = (uint64_t)kb.len / 8, deleted = 0, i;
+            int rc = 0;
+            for (i = 0; i < n; i++) {
+                if ((rc = delete_one(self, (uint64_t)keys[i], NULL, 0)) < 0)
+                    break;
+                deleted += (uint64_t)rc;
+            }
+            self->ctr[C_GENERATION]++;
+            res = rc < 0 ? raise_code(rc, i) : PyLong_FromUnsignedLongLong(deleted);
+        }
+    }
+    PyBuffer_Release(&kb);
+    return res;
+}
+
+static PyObject *View_delete_str(View *self, PyObject *args)
+{
+    PyObject *h, *o, *b;
+    if (!PyArg_ParseTuple(args, "OOO", &h, &o, &b))
+        return NULL;
+    if (require_open(self, 1) < 0)
+        return NULL;
+    if (self->key_type != KEY_STR) {
+        PyErr_SetString(PyExc_ValueError, "keys do not match a string-keyed table");
+        return NULL;
+    }
+    packed_t pk;
+    if (packed_get(h, o, b, &pk) < 0)
+        return NULL;
+    uint64_t deleted = 0, i;
+    int rc = 0;
+    for (i = 0; i < pk.n; i++) {
+        if ((rc = delete_one(self, pk.hashes[i], pk.blob + pk.offs[i], pk.offs[i + 1] - pk.offs[i])) < 0)
+            break;
+        deleted += (uint64_t)rc;
+    }
+    self->ctr[C_GENERATION]++;
+    packed_release(&pk);
+    return rc < 0 ? raise_code(rc, i) : PyLong_FromUnsignedLongLong(deleted);
+}
+
+/* export_str(rows) -> (hashes, offsets, blob) of the keys held by those rows (writer side) */
+static PyObject *View_export_str(View *self, PyObject *args)
+{
+    Py_buffer rb;
+    if (!PyArg_ParseTuple(args, "y*", &rb))
+        return NULL;
+    PyObject *hashes = NULL, *offs = NULL, *blob = NULL, *res = NULL;
+    uint64_t n = (uint64_t)rb.len / 8, total = 0;
+    const int64_t *rows = (const int64_t *)rb.buf;
+    if (require_open(self, 0) < 0 || self->key_type != KEY_STR || rb.len % 8) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "export_str needs int64 rows of a string-keyed table");
+        goto out;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        if ((uint64_t)rows[i] >= self->row_capacity) {
+            raise_code(R_CORRUPT, i);
+            goto out;
+        }
+        uint64_t *m = row_meta(self, (uint64_t)rows[i]);
+        if (!check_range(m[2], m[3], self->heap_capacity)) {
+            raise_code(R_CORRUPT, i);
+            goto out;
+        }
+        total += m[3];
+    }
+    hashes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(8 * n));
+    offs = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(8 * (n + 1)));
+    blob = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!hashes || !offs || !blob)
+        goto out;
+    uint64_t *hp = (uint64_t *)PyBytes_AS_STRING(hashes), *op = (uint64_t *)PyBytes_AS_STRING(offs);
+    char *bp = PyBytes_AS_STRING(blob);
+    uint64_t pos = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t *m = row_meta(self, (uint64_t)rows[i]);
+        hp[i] = m[1];
+        op[i] = pos;
+        memcpy(bp + pos, self->heap + m[2], m[3]);
+        pos += m[3];
+    }
+    op[n] = pos;
+    res = PyTuple_Pack(3, hashes, offs, blob);
+out:
+    Py_XDECREF(hashes);
+    Py_XDECREF(offs);
+    Py_XDECREF(blob);
+    PyBuffer_Release(&rb);
+    return res;
+}
+
+/* ---------------------------------------------------------------- module functions */
+
+/* pack_str(sequence of str/bytes) -> (hashes, offsets, blob); str is hashed as UTF-8 */
+static PyObject *pack_str(PyObject *mod, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "keys must be a sequence of str or bytes");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *hashes = NULL, *offs = NULL, *blob = NULL, *res = NULL;
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = items[i];
+        Py_ssize_t len;
+        if (PyUnicode_Check(it)) {
+            if (!PyUnicode_AsUTF8AndSize(it, &len))
+                goto out;
+        } else if (PyBytes_Check(it)) {
+            len = PyBytes_GET_SIZE(it);
+        } else {
+            PyErr_Format(PyExc_TypeError, "string-keyed table: key #%zd is %.100s, not str or bytes", i,
+                         Py_TYPE(it)->tp_name);
+            goto out;
+        }
+        total += (uint64_t)len;
+    }
+    hashes = PyBytes_FromStringAndSize(NULL, 8 * n);
+    offs = PyBytes_FromStringAndSize(NULL, 8 * (n + 1));
+    blob = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!hashes || !offs || !blob)
+        goto out;
+    uint64_t *hp = (uint64_t *)PyBytes_AS_STRING(hashes), *op = (uint64_t *)PyBytes_AS_STRING(offs);
+    char *bp = PyBytes_AS_STRING(blob);
+    uint64_t pos = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = items[i];
+        const char *data;
+        Py_ssize_t len;
+        if (PyUnicode_Check(it))
+            data = PyUnicode_AsUTF8AndSize(it, &len); /* cached by the first pass */
+        else {
+            data = PyBytes_AS_STRING(it);
+            len = PyBytes_GET_SIZE(it);
+        }
+        hp[i] = XXH3_64bits(data, (size_t)len);
+        op[i] = pos;
+        memcpy(bp + pos, data, (size_t)len);
+        pos += (uint64_t)len;
+    }
+    op[n] = pos;
+    res = PyTuple_Pack(3, hashes, offs, blob);
+out:
+    Py_XDECREF(hashes);
+    Py_XDECREF(offs);
+    Py_XDECREF(blob);
+    Py_DECREF(seq);
+    return res;
+}
+
+static PyObject *set_errors(PyObject *mod, PyObject *args)
+{
+    PyObject *corrupt, *busy;
+    if (!PyArg_ParseTuple(args, "OO", &corrupt, &busy))
+        return NULL;
+    Py_XSETREF(CorruptError, Py_NewRef(corrupt));
+    Py_XSETREF(BusyError, Py_NewRef(busy));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef View_methods[] = {
+    {"get_int", (PyCFunction)View_get_int, METH_VARARGS,
+     "get_int(keys, out|None, found, default|None) -> hits, or -1 if the file was superseded"},
+    {"get_str", (PyCFunction)View_get_str, METH_VARARGS,
+     "get_str(hashes, offsets, blob, out|None, found, default|None) -> hits, or -1 if superseded"},
+    {"put_int", (PyCFunction)View_put_int, METH_VARARGS, "put_int(keys, vectors) -> False if the table must grow"},
+    {"put_str", (PyCFunction)View_put_str, METH_VARARGS,
+     "put_str(hashes, offsets, blob, vectors) -> False if the table must grow"},
+    {"delete_int", (PyCFunction)View_delete_int, METH_VARARGS, "delete_int(keys) -> number deleted"},
+    {"delete_str", (PyCFunction)View_delete_str, METH_VARARGS, "delete_str(hashes, offsets, blob) -> deleted"},
+    {"export_str", (PyCFunction)View_export_str, METH_VARARGS, "export_str(rows) -> packed keys of those rows"},
+    {"release", (PyCFunction)View_release, METH_NOARGS, "release the mapped buffer"},
+    {NULL}};
+
+static PyTypeObject ViewType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "embkv._kernels.View",
+    .tp_basicsize = sizeof(View),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A mapped embkv table: the compiled lookup/upsert/delete kernels.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)View_init,
+    .tp_dealloc = (destructor)View_dealloc,
+    .tp_methods = View_methods,
+};
+
+static PyMethodDef module_methods[] = {
+    {"pack_str", pack_str, METH_O, "pack_str(keys) -> (hashes, offsets, blob), xxh3-64 of each key's UTF-8"},
+    {"set_errors", set_errors, METH_VARARGS, "set_errors(corrupt_cls, busy_cls)"},
+    {NULL}};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "embkv._kernels", "embkv compiled kernels", -1,
+                                       module_methods};
+
+PyMODINIT_FUNC PyInit__kernels(void)
+{
+    if (PyType_Ready(&ViewType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "View", (PyObject *)&ViewType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

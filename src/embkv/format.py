@@ -1,0 +1,209 @@
+"""The on-disk (and in-/dev/shm) layout of one embkv table file.
+
+One table version is one file. All integers are little-endian; every section starts on a
+4096-byte boundary so it can be mapped and paged independently::
+
+    [0, 4096)          header: immutable part (bytes 0..127, CRC-32 protected)
+                               mutable counters (bytes 128..191, one writer updates them)
+    [index_offset)     hash index: slot_count x (key u64, row u64), linear probing;
+                       row 0 = empty, 2**64-1 = tombstone, otherwise row index + 1
+    [rows_offset)      row area: row_capacity x row_stride bytes; each row is
+                       int keys: seq u64 | key i64 | vector
+                       str keys: seq u64 | xxh3 u64 | key offset u64 | key length u64 | vector
+    [freelist_offset)  row_capacity x u64: stack of rows free for reuse
+    [heap_offset)      str keys only: key bytes, append-only
+
+ARCHITECTURE.md explains how the writer and readers use these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+from typing import Final
+
+import numpy as np
+
+from .errors import (
+    CorruptTableError,
+    FormatVersionError,
+    NotATableError,
+    SchemaError,
+    TruncatedTableError,
+)
+
+__all__ = [
+    "COUNTERS_OFFSET",
+    "DTYPES",
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "KEY_TYPES",
+    "MAGIC",
+    "Counter",
+    "Layout",
+]
+
+MAGIC: Final = b"EMBKVTB1"
+FORMAT_VERSION: Final = 1
+HEADER_SIZE: Final = 4096
+PAGE: Final = 4096
+COUNTERS_OFFSET: Final = 128
+MAX_LOAD: Final = 0.75  # index slots in use (live + tombstones) before a rebuild
+TARGET_LOAD: Final = 0.6  # index load at full capacity right after a build: short probe chains
+MAX_DIM: Final = 1 << 16
+MAX_CAPACITY: Final = 1 << 40
+
+# dtype name -> code stored in the file; codes never change once released
+DTYPES: Final = {"float32": 1, "float16": 2, "float64": 3}
+KEY_TYPES: Final = {"int64": 1, "str": 2}
+_DTYPE_NAMES: Final = {v: k for k, v in DTYPES.items()}
+_KEY_NAMES: Final = {v: k for k, v in KEY_TYPES.items()}
+
+# immutable header fields, in file order, starting at byte 0
+_IMMUTABLE = struct.Struct("<8sIIIIII QQQQ QQQQ QQ")
+_CRC = struct.Struct("<I")
+_CRC_OFFSET: Final = _IMMUTABLE.size  # 112
+
+
+class Counter:
+    """Indices of the mutable u64 counters at ``COUNTERS_OFFSET`` (mirrored in _kernels.c)."""
+
+    GENERATION: Final = 0  # bumped by every write batch
+    LIVE: Final = 1  # keys present
+    ROWS_USED: Final = 2  # high-water mark of the row area
+    FREE: Final = 3  # entries on the free-row stack
+    HEAP_USED: Final = 4  # bytes of string keys written
+    TOMBS: Final = 5  # deleted index slots not yet reclaimed
+    SUPERSEDED: Final = 6  # 1 once a newer version replaced this file: readers reopen
+    DIRTY: Final = 7  # pid of a writer inside a batch; non-zero on open means it died there
+    COUNT: Final = 8
+
+
+def _align(n: int) -> int:
+    return (n + PAGE - 1) // PAGE * PAGE
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(4, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Everything fixed about a table file: its schema and where each section lives."""
+
+    dim: int
+    dtype: str
+    key_type: str
+    row_capacity: int
+    slot_count: int
+    heap_capacity: int
+    row_header: int
+    row_stride: int
+    index_offset: int
+    rows_offset: int
+    freelist_offset: int
+    heap_offset: int
+    file_size: int
+    created_ns: int = 0
+
+    @property
+    def np_dtype(self) -> np.dtype[np.floating]:
+        return np.dtype(self.dtype)
+
+    @property
+    def vec_bytes(self) -> int:
+        return self.dim * self.np_dtype.itemsize
+
+    @classmethod
+    def plan(cls, dim: int, dtype: str, key_type: str, capacity: int, heap_capacity: int = 0,
+             created_ns: int = 0) -> Layout:
+        """Lay out a new file for ``capacity`` rows (``heap_capacity`` bytes of string keys)."""
+        if not isinstance(dim, (int, np.integer)) or not 0 < int(dim) <= MAX_DIM:
+            raise SchemaError(f"dim must be an int in 1..{MAX_DIM}, got {dim!r}")
+        if dtype not in DTYPES:
+            raise SchemaError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if key_type not in KEY_TYPES:
+            raise SchemaError(f"key_type must be one of {sorted(KEY_TYPES)}, got {key_type!r}")
+        capacity = max(16, int(capacity))
+        if capacity > MAX_CAPACITY:
+            raise SchemaError(f"capacity {capacity} exceeds the maximum {MAX_CAPACITY}")
+        dim = int(dim)
+        row_header = 16 if key_type == "int64" else 32
+        vec_bytes = dim * np.dtype(dtype).itemsize
+        row_stride = row_header + (vec_bytes + 7) // 8 * 8
+        slot_count = _next_pow2(int(capacity / TARGET_LOAD) + 1)
+        if key_type == "int64":
+            heap_capacity = 0
+        else:
+            heap_capacity = max(int(heap_capacity), 4096)
+        index_offset = HEADER_SIZE
+        rows_offset = _align(index_offset + slot_count * 16)
+        freelist_offset = _align(rows_offset + capacity * row_stride)
+        heap_offset = _align(freelist_offset + capacity * 8)
+        file_size = _align(heap_offset + heap_capacity)
+        return cls(dim, dtype, key_type, capacity, slot_count, heap_capacity, row_header, row_stride,
+                   index_offset, rows_offset, freelist_offset, heap_offset, file_size, created_ns)
+
+    def pack_header(self) -> bytes:
+        """The header page of a fresh file (counters all zero)."""
+        fixed = _IMMUTABLE.pack(
+            MAGIC, FORMAT_VERSION, HEADER_SIZE, self.dim, DTYPES[self.dtype], KEY_TYPES[self.key_type],
+            self.row_header, self.row_stride, self.slot_count, self.row_capacity, self.heap_capacity,
+            self.index_offset, self.rows_offset, self.freelist_offset, self.heap_offset, self.file_size,
+            self.created_ns,
+        )
+        page = bytearray(HEADER_SIZE)
+        page[: len(fixed)] = fixed
+        page[_CRC_OFFSET : _CRC_OFFSET + 4] = _CRC.pack(zlib.crc32(fixed))
+        return bytes(page)
+
+    @classmethod
+    def parse(cls, head: bytes, actual_size: int, where: str = "table") -> Layout:
+        """Validate a header read from a file of ``actual_size`` bytes; raise a typed error if bad."""
+        if len(head) < 8 or head[:8] != MAGIC:
+            if len(head) >= 5 and head[:5] == MAGIC[:5]:
+                raise FormatVersionError(f"{where}: unknown embkv file variant {head[:8]!r}")
+            raise NotATableError(f"{where}: not an embkv table file (magic {head[:8]!r})")
+        if len(head) < _CRC_OFFSET + 4:
+            raise TruncatedTableError(f"{where}: file ends inside its header ({actual_size} bytes)")
+        fields = _IMMUTABLE.unpack_from(head)
+        (_, version, header_size, dim, dtype_code, key_code, row_header, row_stride, slot_count,
+         row_capacity, heap_capacity, index_offset, rows_offset, freelist_offset, heap_offset, file_size,
+         created_ns) = fields
+        if version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where}: written in format version {version}; this embkv reads up to {FORMAT_VERSION}. "
+                "Upgrade embkv to open it."
+            )
+        (stored_crc,) = _CRC.unpack_from(head, _CRC_OFFSET)
+        if zlib.crc32(head[:_CRC_OFFSET]) != stored_crc:
+            raise CorruptTableError(f"{where}: header checksum mismatch (the header is damaged)")
+        if header_size != HEADER_SIZE or dtype_code not in _DTYPE_NAMES or key_code not in _KEY_NAMES:
+            raise CorruptTableError(f"{where}: header fields out of range")
+        try:
+            expect = cls.plan(dim, _DTYPE_NAMES[dtype_code], _KEY_NAMES[key_code], row_capacity,
+                              heap_capacity, created_ns)
+        except SchemaError as exc:
+            raise CorruptTableError(f"{where}: header describes an impossible table ({exc})") from None
+        got = (row_header, row_stride, slot_count, index_offset, rows_offset, freelist_offset, heap_offset,
+               file_size, row_capacity)
+        want = (expect.row_header, expect.row_stride, expect.slot_count, expect.index_offset,
+                expect.rows_offset, expect.freelist_offset, expect.heap_offset, expect.file_size,
+                expect.row_capacity)
+        if got != want:
+            raise CorruptTableError(f"{where}: header section offsets are inconsistent")
+        if actual_size < file_size:
+            raise TruncatedTableError(
+                f"{where}: file has {actual_size} bytes but its header needs {file_size} (truncated)"
+            )
+        return expect
+
+
+def check_counters(counters: np.ndarray, layout: Layout, where: str = "table") -> None:
+    """Reject counter values no sane writer produces (they drive bounds in the kernels)."""
+    cap = layout.row_capacity
+    if (counters[Counter.ROWS_USED] > cap or counters[Counter.FREE] > cap
+            or counters[Counter.LIVE] > cap or counters[Counter.HEAP_USED] > layout.heap_capacity
+            or counters[Counter.LIVE] + counters[Counter.TOMBS] > layout.slot_count):
+        raise CorruptTableError(f"{where}: header counters are out of range")

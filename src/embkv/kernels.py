@@ -1,0 +1,367 @@
+"""Index and row kernels: the compiled C path, and a pure-numpy fallback with the same interface.
+
+``View`` wraps a mapped table file. The C extension (``embkv._kernels``, built at install)
+is used when present; ``EMBKV_KERNEL=numpy`` forces the fallback, which reads with
+vectorized numpy (one Python iteration per probe round, not per key) and writes with a
+Python loop per key: correct and file-compatible, but slow for writes. Both follow the
+protocol described in ``_kernels.c`` and ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+import numpy as np
+import xxhash
+
+from .errors import CorruptTableError, ReadRetryError
+from .format import COUNTERS_OFFSET, Counter, Layout
+
+__all__ = ["BACKEND", "KernelView", "make_view", "mix64", "pack_str"]
+
+SLOT_EMPTY = np.uint64(0)
+SLOT_TOMB = np.uint64(0xFFFFFFFFFFFFFFFF)
+_SPIN_ROUNDS = 10_000
+
+
+class KernelView(Protocol):
+    """What table.py needs from a kernel backend."""
+
+    def get_int(self, keys: Any, out: Any, found: Any, default: Any) -> int: ...
+    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any) -> int: ...
+    def put_int(self, keys: Any, vectors: Any) -> bool: ...
+    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any) -> bool: ...
+    def delete_int(self, keys: Any) -> int: ...
+    def delete_str(self, hashes: Any, offsets: Any, blob: Any) -> int: ...
+    def export_str(self, rows: Any) -> tuple[bytes, bytes, bytes]: ...
+    def release(self) -> None: ...
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def mix64(keys: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer of int64 keys as uint64 (same as ``mix64`` in _kernels.c)."""
+    x = keys.astype(np.uint64, copy=True)
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _pack_str_py(keys: Any) -> tuple[bytes, bytes, bytes]:
+    """Pure-Python twin of ``_kernels.pack_str``."""
+    encoded = []
+    for i, key in enumerate(keys):
+        if isinstance(key, str):
+            encoded.append(key.encode("utf-8"))
+        elif isinstance(key, bytes):
+            encoded.append(key)
+        else:
+            raise TypeError(f"string-keyed table: key #{i} is {type(key).__name__}, not str or bytes")
+    hashes = np.fromiter((xxhash.xxh3_64_intdigest(b) for b in encoded), dtype=np.uint64, count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype=np.uint64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return hashes.tobytes(), offsets.tobytes(), b"".join(encoded)
+
+
+class NumpyView:
+    """Fallback kernels over numpy views of the mapped file."""
+
+    def __init__(self, buf: Any, writable: bool, layout: Layout) -> None:
+        mv = memoryview(buf)
+        if len(mv) < layout.file_size:
+            raise CorruptTableError("table layout does not fit the mapped file")
+        self._mv = mv
+        self.writable = writable
+        self.layout = layout
+        self.key_type = 1 if layout.key_type == "int64" else 2
+        raw = np.frombuffer(mv, dtype=np.uint8)
+        self._raw = raw
+        self.ctr = raw[COUNTERS_OFFSET : COUNTERS_OFFSET + 8 * Counter.COUNT].view(np.uint64)
+        self.slots = raw[layout.index_offset : layout.index_offset + 16 * layout.slot_count].view(
+            np.uint64).reshape(-1, 2)
+        rows = raw[layout.rows_offset : layout.rows_offset + layout.row_capacity * layout.row_stride]
+        self.rows = rows.reshape(layout.row_capacity, layout.row_stride)
+        self.meta = self.rows[:, : layout.row_header].view(np.uint64)
+        self.vecs = self.rows[:, layout.row_header : layout.row_header + layout.vec_bytes]
+        self.freelist = raw[layout.freelist_offset : layout.freelist_offset + 8 * layout.row_capacity].view(
+            np.uint64)
+        self.heap = raw[layout.heap_offset : layout.heap_offset + layout.heap_capacity]
+        self.mask = np.uint64(layout.slot_count - 1)
+
+    def release(self) -> None:
+        for name in ("_raw", "ctr", "slots", "rows", "meta", "vecs", "freelist", "heap"):
+            self.__dict__.pop(name, None)
+        self._mv.release()
+
+    # ---------------------------------------------------------------- reads
+
+    def _heap_key(self, off: int, length: int) -> bytes | None:
+        if off + length > self.layout.heap_capacity:
+            return None
+        return bytes(self.heap[off : off + length])
+
+    def _lookup(self, slotkeys: np.ndarray, starts: np.ndarray, exact: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Probe all keys in lockstep; returns (row per key or -1, sequence seen per key)."""
+        n = len(slotkeys)
+        rows = np.full(n, -1, dtype=np.int64)
+        pos = starts & self.mask
+        pending = np.arange(n)
+        cap = self.layout.row_capacity
+        for _ in range(self.layout.slot_count):
+            if not len(pending):
+                break
+            srow = self.slots[pos[pending], 1]
+            skey = self.slots[pos[pending], 0]
+            empty = srow == SLOT_EMPTY
+            cand = (srow != SLOT_EMPTY) & (srow != SLOT_TOMB) & (skey == slotkeys[pending])
+            hit_idx = pending[cand]
+            if len(hit_idx):
+                r = (srow[cand] - np.uint64(1)).astype(np.int64)
+                if np.any((r < 0) | (r >= cap)):
+                    raise CorruptTableError("index points outside the row area: the table file is corrupt")
+                ok = exact(hit_idx, r)
+                rows[hit_idx[ok]] = r[ok]
+                cand[np.flatnonzero(cand)[~ok]] = False  # a collision: keep probing
+                done = empty | cand
+            else:
+                done = empty
+            pending = pending[~done]
+            pos[pending] = (pos[pending] + np.uint64(1)) & self.mask
+        return rows, np.zeros(0)
+
+    def _get(self, slotkeys: np.ndarray, starts: np.ndarray, exact: Any, out: Any, found: Any,
+             default: Any) -> int:
+        if self.ctr[Counter.SUPERSEDED]:
+            return -1
+        found_arr = np.frombuffer(found, dtype=np.bool_)
+        out_arr = None if out is None else np.frombuffer(out, dtype=np.uint8).reshape(
+            len(slotkeys), self.layout.vec_bytes)
+        todo = np.arange(len(slotkeys))
+        for _ in range(_SPIN_ROUNDS):
+            rows, _unused = self._lookup(slotkeys[todo], starts[todo], lambda i, r: exact(todo[i], r))
+            hit = rows >= 0
+            seq1 = np.zeros(len(todo), dtype=np.uint64)
+            seq1[hit] = self.meta[rows[hit], 0]
+            if out_arr is not None:
+                out_arr[todo[hit]] = self.vecs[rows[hit]]
+            key_ok = np.ones(len(todo), dtype=np.bool_)
+            key_ok[hit] = exact(todo[hit], rows[hit])
+            seq2 = np.zeros(len(todo), dtype=np.uint64)
+            seq2[hit] = self.meta[rows[hit], 0]
+            stable = ~hit | ((seq1 == seq2) & (seq1 % np.uint64(2) == 0) & key_ok)
+            found_arr[todo[stable]] = hit[stable]
+            if out_arr is not None:
+                miss = todo[stable & ~hit]
+                if default is None:
+                    out_arr[miss] = 0
+                else:
+                    out_arr[miss] = np.frombuffer(default, dtype=np.uint8)
+            todo = todo[~stable]
+            if not len(todo):
+                return int(found_arr.sum())
+        raise ReadRetryError(f"rows kept changing during {_SPIN_ROUNDS} read attempts")
+
+    def get_int(self, keys: Any, out: Any, found: Any, default: Any) -> int:
+        k = np.frombuffer(keys, dtype=np.int64)
+        slotkeys = k.view(np.uint64)
+
+        def exact(idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            return np.asarray(self.meta[rows, 1] == slotkeys[idx])
+
+        return self._get(slotkeys, mix64(k), exact, out, found, default)
+
+    def _str_exact(self, hashes: np.ndarray, offsets: np.ndarray, blob: bytes) -> Any:
+        def exact(idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            ok = np.zeros(len(idx), dtype=np.bool_)
+            meta = self.meta[rows]
+            for j, (i, m) in enumerate(zip(idx.tolist(), meta.tolist(), strict=True)):
+                want = blob[offsets[i] : offsets[i + 1]]
+                ok[j] = m[1] == hashes[i] and m[3] == len(want) and self._heap_key(m[2], m[3]) == want
+            return ok
+
+        return exact
+
+    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any) -> int:
+        h = np.frombuffer(hashes, dtype=np.uint64)
+        o = np.frombuffer(offsets, dtype=np.uint64).astype(np.int64)
+        return self._get(h, h, self._str_exact(h, o, bytes(blob)), out, found, default)
+
+    # ---------------------------------------------------------------- writes
+
+    def _room_for(self, n: int, heap_bytes: int) -> bool:
+        c = self.ctr
+        lay = self.layout
+        if int(c[Counter.FREE]) + lay.row_capacity - int(c[Counter.ROWS_USED]) < n:
+            return False
+        if (int(c[Counter.LIVE]) + int(c[Counter.TOMBS]) + n) * 4 > lay.slot_count * 3:
+            return False
+        return int(c[Counter.HEAP_USED]) + heap_bytes <= lay.heap_capacity
+
+    def _probe(self, slotkey: int, start: int, key_bytes: bytes | None) -> tuple[int, bool]:
+        mask = self.layout.slot_count - 1
+        j = start & mask
+        first_tomb = -1
+        for _ in range(self.layout.slot_count):
+            srow = int(self.slots[j, 1])
+            if srow == 0:
+                return (first_tomb if first_tomb >= 0 else j), False
+            if srow == int(SLOT_TOMB):
+                if first_tomb < 0:
+                    first_tomb = j
+            elif int(self.slots[j, 0]) == slotkey:
+                r = srow - 1
+                if r >= self.layout.row_capacity:
+                    raise CorruptTableError("index points outside the row area")
+                if key_bytes is None or self._heap_key(int(self.meta[r, 2]), int(self.meta[r, 3])) == key_bytes:
+                    return j, True
+            j = (j + 1) & mask
+        if first_tomb >= 0:
+            return first_tomb, False
+        raise CorruptTableError("index is full")
+
+    def _alloc_row(self) -> int:
+        c = self.ctr
+        if c[Counter.FREE] > 0:
+            c[Counter.FREE] -= np.uint64(1)
+            r = int(self.freelist[int(c[Counter.FREE])])
+            if r >= self.layout.row_capacity:
+                raise CorruptTableError("free list points outside the row area")
+            return r
+        r = int(c[Counter.ROWS_USED])
+        c[Counter.ROWS_USED] += np.uint64(1)
+        return r
+
+    def _free_row(self, r: int) -> None:
+        self.freelist[int(self.ctr[Counter.FREE])] = r
+        self.ctr[Counter.FREE] += np.uint64(1)
+
+    def _write_row(self, r: int, meta: list[int], vec: np.ndarray) -> None:
+        seq = int(self.meta[r, 0])
+        seq += seq & 1
+        self.meta[r, 0] = seq + 1
+        self.meta[r, 1 : 1 + len(meta)] = meta
+        self.vecs[r] = vec
+        self.meta[r, 0] = seq + 2
+
+    def _put_one(self, slotkey: int, start: int, key_bytes: bytes | None, vec: np.ndarray) -> None:
+        j, found = self._probe(slotkey, start, key_bytes)
+        r = self._alloc_row()
+        if key_bytes is None:
+            self._write_row(r, [slotkey], vec)
+        else:
+            if found:
+                off = int(self.meta[int(self.slots[j, 1]) - 1, 2])
+            else:
+                off = int(self.ctr[Counter.HEAP_USED])
+                self.heap[off : off + len(key_bytes)] = np.frombuffer(key_bytes, dtype=np.uint8)
+                self.ctr[Counter.HEAP_USED] += np.uint64(len(key_bytes))
+            self._write_row(r, [slotkey, off, len(key_bytes)], vec)
+        if found:
+            old = int(self.slots[j, 1]) - 1
+            self.slots[j, 1] = r + 1
+            self._free_row(old)
+        else:
+            if self.slots[j, 1] == SLOT_TOMB:
+                self.ctr[Counter.TOMBS] -= np.uint64(1)
+            self.slots[j, 0] = slotkey
+            self.slots[j, 1] = r + 1
+            self.ctr[Counter.LIVE] += np.uint64(1)
+
+    def put_int(self, keys: Any, vectors: Any) -> bool:
+        k = np.frombuffer(keys, dtype=np.int64)
+        if not self._room_for(len(k), 0):
+            return False
+        vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(k), self.layout.vec_bytes)
+        starts = mix64(k)
+        for i, key in enumerate(k.view(np.uint64).tolist()):
+            self._put_one(key, int(starts[i]), None, vecs[i])
+        self.ctr[Counter.GENERATION] += np.uint64(1)
+        return True
+
+    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any) -> bool:
+        h = np.frombuffer(hashes, dtype=np.uint64).tolist()
+        o = np.frombuffer(offsets, dtype=np.uint64).tolist()
+        blob = bytes(blob)
+        if not self._room_for(len(h), len(blob)):
+            return False
+        vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(h), self.layout.vec_bytes)
+        for i, hv in enumerate(h):
+            self._put_one(hv, hv, blob[o[i] : o[i + 1]], vecs[i])
+        self.ctr[Counter.GENERATION] += np.uint64(1)
+        return True
+
+    def _delete_one(self, slotkey: int, start: int, key_bytes: bytes | None) -> int:
+        j, found = self._probe(slotkey, start, key_bytes)
+        if not found:
+            return 0
+        old = int(self.slots[j, 1]) - 1
+        self.slots[j, 1] = SLOT_TOMB
+        self._free_row(old)
+        self.ctr[Counter.LIVE] -= np.uint64(1)
+        self.ctr[Counter.TOMBS] += np.uint64(1)
+        return 1
+
+    def delete_int(self, keys: Any) -> int:
+        k = np.frombuffer(keys, dtype=np.int64)
+        starts = mix64(k)
+        n = sum(self._delete_one(key, int(starts[i]), None) for i, key in enumerate(k.view(np.uint64).tolist()))
+        self.ctr[Counter.GENERATION] += np.uint64(1)
+        return n
+
+    def delete_str(self, hashes: Any, offsets: Any, blob: Any) -> int:
+        h = np.frombuffer(hashes, dtype=np.uint64).tolist()
+        o = np.frombuffer(offsets, dtype=np.uint64).tolist()
+        blob = bytes(blob)
+        n = sum(self._delete_one(hv, hv, blob[o[i] : o[i + 1]]) for i, hv in enumerate(h))
+        self.ctr[Counter.GENERATION] += np.uint64(1)
+        return n
+
+    def export_str(self, rows: Any) -> tuple[bytes, bytes, bytes]:
+        r = np.frombuffer(rows, dtype=np.int64)
+        if len(r) and (r.min() < 0 or r.max() >= self.layout.row_capacity):
+            raise CorruptTableError("row outside the row area")
+        meta = self.meta[r]
+        keys = []
+        for m in meta.tolist():
+            kb = self._heap_key(m[2], m[3])
+            if kb is None:
+                raise CorruptTableError("string key outside the key heap")
+            keys.append(kb)
+        return _pack_str_py(keys)
+
+
+def _load_c() -> Any:
+    if os.environ.get("EMBKV_KERNEL", "").lower() == "numpy":
+        return None
+    try:
+        from . import _kernels
+    except ImportError:
+        return None
+    from .errors import CorruptTableError as _C
+    from .errors import ReadRetryError as _R
+
+    _kernels.set_errors(_C, _R)
+    return _kernels
+
+
+_C_KERNELS = _load_c()
+BACKEND = "c" if _C_KERNELS is not None else "numpy"
+pack_str = _C_KERNELS.pack_str if _C_KERNELS is not None else _pack_str_py
+
+
+def make_view(buf: Any, writable: bool, layout: Layout) -> KernelView:
+    """Wrap a mapped file in the best available kernel backend."""
+    if _C_KERNELS is None:
+        return NumpyView(buf, writable, layout)
+    view: KernelView = _C_KERNELS.View(
+        buf, writable, 1 if layout.key_type == "int64" else 2, layout.slot_count, layout.row_capacity,
+        layout.heap_capacity, layout.index_offset, layout.rows_offset, layout.freelist_offset,
+        layout.heap_offset, layout.row_stride, layout.row_header, layout.vec_bytes,
+    )
+    return view

@@ -1,0 +1,332 @@
+"""A store: a folder of tables, in /dev/shm (memory) or on a disk path (durable, larger than RAM)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    KeyTypeError,
+    ReadOnlyError,
+    SchemaError,
+    StoreNotFoundError,
+    TableClosedError,
+    TableExistsError,
+    TableNotFoundError,
+)
+from .format import DTYPES, KEY_TYPES, Counter, Layout
+from .table import (
+    LOAD_CHUNK,
+    LOCK_SUFFIX,
+    TABLE_SUFFIX,
+    Progress,
+    Table,
+    as_int_keys,
+    as_str_keys,
+    check_name,
+    remove_stale_temps,
+)
+
+__all__ = ["Store", "open_store"]
+
+DEFAULT_CAPACITY = 1024
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+
+class Store:
+    """A folder of tables. Use :func:`embkv.open` to get one.
+
+    Tables are opened lazily and cached per store object. A read-only store never writes
+    anything (not even lock files) and can serve from a read-only mount.
+
+    Example::
+
+        store = embkv.open("/dev/shm/shop")
+        items = store.create_table("items", dim=64)
+        reader = embkv.open("/dev/shm/shop", readonly=True)["items"]
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.readonly = readonly
+        self.lock_timeout = float(lock_timeout)
+        self._tables: dict[str, Table] = {}
+        self._closed = False
+        if readonly:
+            if not os.path.isdir(self.path):
+                raise StoreNotFoundError(f"no embkv store at {self.path}")
+        else:
+            os.makedirs(self.path, exist_ok=True)
+            remove_stale_temps(self.path)
+
+    def __repr__(self) -> str:
+        mode = "readonly" if self.readonly else "read-write"
+        return f"<embkv.Store {self.path!r} {mode} tables={self.list_tables()}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TableClosedError(f"store {self.path} is closed")
+
+    def _table_path(self, name: str) -> str:
+        return os.path.join(self.path, check_name(name) + TABLE_SUFFIX)
+
+    def list_tables(self) -> list[str]:
+        """Names of the tables in the store, sorted."""
+        self._check_open()
+        return sorted(
+            e[: -len(TABLE_SUFFIX)] for e in os.listdir(self.path)
+            if e.endswith(TABLE_SUFFIX) and not e.startswith(".")
+        )
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and os.path.exists(self._table_path(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.list_tables())
+
+    def __getitem__(self, name: str) -> Table:
+        """The table called ``name``; raises :class:`TableNotFoundError` if there is none."""
+        self._check_open()
+        table = self._tables.get(name)
+        if table is not None and table._m is not None:
+            return table
+        path = self._table_path(name)
+        if not os.path.exists(path):
+            raise TableNotFoundError(f"store {self.path} has no table {name!r} (has {self.list_tables()})")
+        table = Table(path, name, readonly=self.readonly, lock_timeout=self.lock_timeout)
+        self._tables[name] = table
+        return table
+
+    def _require_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError(f"store {self.path} was opened read-only")
+
+    def create_table(self, name: str, dim: int, dtype: str = "float32", key_type: str = "int64", *,
+                     capacity: int = DEFAULT_CAPACITY, exist_ok: bool = False) -> Table:
+        """Create an empty table. ``dtype``: float32, float16 or float64; ``key_type``: int64 or str.
+
+        ``capacity`` is only a starting size: tables grow as rows are added.
+        With ``exist_ok=True`` an existing table of the same schema is returned instead of an error.
+        """
+        self._require_writable()
+        dtype = _dtype_name(dtype)
+        layout = Layout.plan(dim, dtype, key_type, capacity, heap_capacity=32 * max(16, capacity),
+                             created_ns=time.time_ns())
+        path = self._table_path(name)
+        if os.path.exists(path):
+            if not exist_ok:
+                raise TableExistsError(f"table {name!r} already exists in {self.path}")
+            table = self[name]
+            if (table.dim, table.dtype.name, table.key_type) != (layout.dim, dtype, key_type):
+                raise SchemaError(
+                    f"table {name!r} exists with dim={table.dim} dtype={table.dtype} keys={table.key_type}"
+                )
+            return table
+        # build under a temporary name and link it in: a concurrent creator loses cleanly
+        from .table import build_version, temp_path
+
+        tmp = temp_path(path)
+        try:
+            build_version(tmp, layout, iter(()))
+            os.link(tmp, path)
+        except FileExistsError:
+            raise TableExistsError(f"table {name!r} already exists in {self.path}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return self[name]
+
+    def load_table(self, name: str, keys: Any, vectors: Any = None, *, dtype: str | None = None,
+                   key_column: str = "key", vector_column: str = "vector", capacity: int | None = None,
+                   progress: Progress | None = None) -> Table:
+        """Build a whole new version of a table in one pass and publish it atomically.
+
+        Sources: ``keys`` and ``vectors`` as arrays (or lists); paths to ``.npy`` files (memory-mapped,
+        so larger-than-RAM sources stream); or a Parquet path / ``pyarrow.Table`` in ``keys`` with
+        ``key_column`` and ``vector_column`` (a fixed-size or plain list column), ``vectors`` left None.
+        The table is created if missing (dim, dtype and key type from the data); an existing table
+        keeps its schema and the data must match its dim and key type. Readers switch to the new
+        version on their next call; the old version's memory is freed when the last reader lets go.
+        Duplicate keys: the last occurrence wins. ``progress(n)`` is called after each chunk of rows.
+        """
+        self._require_writable()
+        keys, vectors = _read_source(keys, vectors, key_column, vector_column)
+        n = len(vectors)
+        if vectors.ndim != 2:
+            raise SchemaError(f"vectors must be 2-D [rows, dim], got shape {vectors.shape}")
+        if len(keys) != n:
+            raise SchemaError(f"{len(keys)} keys but {n} vectors")
+        if vectors.dtype.kind not in "fiu" or vectors.dtype == np.bool_:
+            raise SchemaError(f"vectors must be numeric, got dtype {vectors.dtype}")
+        key_type = _infer_key_type(keys)
+        existing = self[name] if name in self else None
+        if existing is not None:
+            if existing.dim != vectors.shape[1] or existing.key_type != key_type:
+                raise SchemaError(
+                    f"table {name!r} has dim={existing.dim} keys={existing.key_type}; the data has "
+                    f"dim={vectors.shape[1]} keys={key_type}. Drop the table to change its schema."
+                )
+            dtype_name = existing.dtype.name if dtype is None else _dtype_name(dtype)
+            if dtype_name != existing.dtype.name:
+                raise SchemaError(f"table {name!r} stores {existing.dtype}, not {dtype_name}")
+        else:
+            dtype_name = _dtype_name(dtype if dtype is not None else _default_dtype(vectors.dtype))
+        chunks, heap_bytes = _chunks(keys, vectors, key_type, dtype_name)
+        cap = max(capacity or 0, n + n // 8, DEFAULT_CAPACITY)
+        layout = Layout.plan(vectors.shape[1], dtype_name, key_type, cap,
+                             heap_capacity=heap_bytes + heap_bytes // 8 + 32 * (cap - n),
+                             created_ns=time.time_ns())
+        if existing is None:
+            existing = self.create_table(name, vectors.shape[1], dtype_name, key_type, capacity=16,
+                                         exist_ok=True)
+        with existing._writing():
+            existing._publish(layout, chunks, progress)
+        return existing
+
+    def drop_table(self, name: str) -> None:
+        """Delete a table. Readers that still hold it get TableNotFoundError on their next call."""
+        self._require_writable()
+        table = self[name]
+        with table._writing() as m:
+            os.unlink(table.path)
+            m.counters[Counter.SUPERSEDED] = 1
+        table.close()
+        self._tables.pop(name, None)
+
+    def close(self) -> None:
+        """Close every table opened through this store."""
+        for table in self._tables.values():
+            table.close()
+        self._tables.clear()
+        self._closed = True
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(path: str | os.PathLike[str], readonly: bool = False,
+               lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Store:
+    """Open (and create, unless ``readonly``) the store at ``path``. Exposed as :func:`embkv.open`.
+
+    ``/dev/shm/...`` keeps tables in shared memory (fast, lost at reboot); a disk path keeps
+    them durable and may exceed RAM (pages come from the page cache).
+    ``lock_timeout``: seconds a writer waits for another process's write to finish.
+    """
+    return Store(path, readonly=readonly, lock_timeout=lock_timeout)
+
+
+# -------------------------------------------------------------------- load helpers
+
+
+def _dtype_name(dtype: Any) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        raise SchemaError(f"unknown dtype {dtype!r}") from None
+    if name not in DTYPES:
+        raise SchemaError(f"dtype must be one of {sorted(DTYPES)}, got {name}")
+    return name
+
+
+def _default_dtype(dt: np.dtype[Any]) -> str:
+    return dt.name if dt.name in DTYPES else "float32"
+
+
+def _read_source(keys: Any, vectors: Any, key_column: str, vector_column: str) -> tuple[Any, np.ndarray]:
+    if vectors is None:
+        return _read_arrow(keys, key_column, vector_column)
+    if isinstance(keys, (str, os.PathLike)):
+        keys = np.load(os.fspath(keys), mmap_mode="r", allow_pickle=False)
+    if isinstance(vectors, (str, os.PathLike)):
+        vectors = np.load(os.fspath(vectors), mmap_mode="r", allow_pickle=False)
+    vecs = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
+    return keys, vecs
+
+
+def _read_arrow(source: Any, key_column: str, vector_column: str) -> tuple[Any, np.ndarray]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SchemaError("loading Parquet/Arrow needs pyarrow: pip install 'embkv[arrow]'") from None
+    table = pq.read_table(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(table, pa.Table):
+        raise SchemaError("load_table(name, source) needs a Parquet path or a pyarrow.Table "
+                          "(or pass keys and vectors)")
+    for col in (key_column, vector_column):
+        if col not in table.column_names:
+            raise SchemaError(f"column {col!r} not in {table.column_names}")
+    key_col = table.column(key_column).combine_chunks()
+    vec_col = table.column(vector_column).combine_chunks()
+    if pa.types.is_integer(key_col.type):
+        keys: Any = key_col.to_numpy()
+    elif pa.types.is_string(key_col.type) or pa.types.is_large_string(key_col.type) or pa.types.is_binary(
+            key_col.type):
+        keys = key_col.to_pylist()
+    else:
+        raise KeyTypeError(f"key column {key_column!r} has type {key_col.type}; need integers or strings")
+    if pa.types.is_fixed_size_list(vec_col.type):
+        dim = vec_col.type.list_size
+    elif pa.types.is_list(vec_col.type) or pa.types.is_large_list(vec_col.type):
+        lengths = np.asarray(vec_col.value_lengths())
+        if len(lengths) and (lengths != lengths[0]).any():
+            raise SchemaError(f"vector column {vector_column!r} holds lists of different lengths")
+        dim = int(lengths[0]) if len(lengths) else 0
+    else:
+        raise SchemaError(f"vector column {vector_column!r} must be a list column, got {vec_col.type}")
+    if vec_col.null_count:
+        raise SchemaError(f"vector column {vector_column!r} has null rows")
+    flat = vec_col.flatten().to_numpy(zero_copy_only=False)
+    return keys, flat.reshape(len(vec_col), dim)
+
+
+def _infer_key_type(keys: Any) -> str:
+    if isinstance(keys, np.ndarray):
+        if keys.dtype.kind in "iu":
+            return "int64"
+        if keys.dtype.kind in "USO":
+            return "str"
+        raise KeyTypeError(f"keys must be integers or strings, got dtype {keys.dtype}")
+    if len(keys) == 0:
+        return "int64"
+    first = keys[0]
+    if isinstance(first, (str, bytes)):
+        return "str"
+    if isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+        return "int64"
+    raise KeyTypeError(f"keys must be integers or strings, got {type(first).__name__}")
+
+
+def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[Iterator[tuple[Any, np.ndarray]], int]:
+    """Validate and pack keys up front (so bad input changes nothing), then stream vector chunks."""
+    n = len(vectors)
+    assert key_type in KEY_TYPES
+    if key_type == "int64":
+        packed_int = as_int_keys(keys)
+
+        def gen_int() -> Iterator[tuple[Any, np.ndarray]]:
+            for lo in range(0, n, LOAD_CHUNK):
+                hi = min(n, lo + LOAD_CHUNK)
+                yield packed_int[lo:hi], np.ascontiguousarray(vectors[lo:hi], dtype=dtype)
+
+        return gen_int(), 0
+    if isinstance(keys, np.ndarray):
+        keys = keys.tolist()
+    packed = [as_str_keys(keys[lo : lo + LOAD_CHUNK]) for lo in range(0, n, LOAD_CHUNK)]
+    heap = sum(len(p[2]) for p in packed)
+
+    def gen_str() -> Iterator[tuple[Any, np.ndarray]]:
+        for i, lo in enumerate(range(0, n, LOAD_CHUNK)):
+            yield packed[i], np.ascontiguousarray(vectors[lo : lo + LOAD_CHUNK], dtype=dtype)
+
+    return gen_str(), heap

@@ -1,0 +1,598 @@
+"""One table: a mapped file, its kernels, its writer lock, and the publish protocol.
+
+Lifetime of what a Table returns: ``get`` always returns freshly allocated arrays (a
+gather copies the rows), so results stay valid after the table is closed, refreshed to a
+new version, or the process forks. Nothing handed to the caller aliases the mapping.
+
+Fork rules: a Table (read-only or not) opened before ``fork()`` keeps working in the
+children, which share the mapping; the writer lock is re-opened per process so a parent
+and its children never believe they both hold it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    KeyTypeError,
+    ReadOnlyError,
+    SchemaError,
+    TableClosedError,
+    TableNotFoundError,
+    WriterLockedError,
+)
+from .format import COUNTERS_OFFSET, HEADER_SIZE, Counter, Layout, check_counters
+from .kernels import BACKEND, SLOT_EMPTY, SLOT_TOMB, KernelView, make_view, pack_str
+
+__all__ = ["Table"]
+
+TABLE_SUFFIX = ".ekv"
+LOCK_SUFFIX = ".ekv.lock"
+TMP_SUFFIX = ".tmp"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_INT64_MAX = np.iinfo(np.int64).max
+LOAD_CHUNK = 65536
+Progress = Callable[[int], None]
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith((TMP_SUFFIX, ".lock")):
+        raise SchemaError(
+            f"invalid table name {name!r}: use 1-128 letters, digits, '_', '-', '.', not starting with '.' or '-'"
+        )
+    return name
+
+
+def _is_memory_path(path: str) -> bool:
+    real = os.path.realpath(path)
+    return real.startswith(("/dev/shm/", "/run/shm/"))
+
+
+class _Mapping:
+    """One mapped version of a table file plus its kernel view."""
+
+    def __init__(self, path: str, writable: bool) -> None:
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise TableNotFoundError(f"no table file at {path}") from None
+        try:
+            st = os.fstat(fd)
+            head = os.pread(fd, HEADER_SIZE, 0)
+            self.layout = Layout.parse(head, st.st_size, where=path)
+            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+            self.mm = mmap.mmap(fd, self.layout.file_size, access=access)
+        finally:
+            os.close(fd)
+        self.inode = (st.st_dev, st.st_ino)
+        self.counters = np.frombuffer(self.mm, dtype=np.uint64, count=Counter.COUNT, offset=COUNTERS_OFFSET)
+        check_counters(self.counters, self.layout, where=path)
+        self.view: KernelView = make_view(self.mm, writable, self.layout)
+
+    def close(self) -> None:
+        """Drop this process's references; the memory goes when the last in-flight call ends."""
+        mm = self.mm
+        self.__dict__.pop("view", None)
+        self.__dict__.pop("counters", None)
+        # a call running on another thread still exports the buffer: the mapping then
+        # closes when that call's view is garbage collected
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+    # the parts of the row area that writers and exporters read with numpy
+    def slots(self) -> np.ndarray:
+        lay = self.layout
+        return np.frombuffer(self.mm, dtype=np.uint64, count=2 * lay.slot_count,
+                             offset=lay.index_offset).reshape(-1, 2)
+
+    def rows(self) -> np.ndarray:
+        lay = self.layout
+        return np.frombuffer(self.mm, dtype=np.uint8, count=lay.row_capacity * lay.row_stride,
+                             offset=lay.rows_offset).reshape(lay.row_capacity, lay.row_stride)
+
+
+def build_version(path: str, layout: Layout, chunks: Iterator[tuple[Any, np.ndarray]],
+                  progress: Progress | None = None) -> None:
+    """Write a complete new table file at ``path`` (which must not exist) from (keys, vectors) chunks.
+
+    The file is fully allocated first so that a full disk or tmpfs fails here with ENOSPC
+    instead of killing a later writer with SIGBUS on a mapped page.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, layout.file_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, layout.file_size)
+        os.pwrite(fd, layout.pack_header(), 0)
+    finally:
+        os.close(fd)
+    mapping = _Mapping(path, writable=True)
+    try:
+        for keys, vectors in chunks:
+            if not _put_packed(mapping.view, layout, keys, vectors):
+                raise SchemaError("internal: a fresh table version was sized too small")
+            if progress is not None:
+                progress(len(vectors))
+        if not _is_memory_path(path):
+            mapping.mm.flush()
+    finally:
+        mapping.close()
+
+
+def _put_packed(view: KernelView, layout: Layout, keys: Any, vectors: np.ndarray) -> bool:
+    if layout.key_type == "int64":
+        return view.put_int(keys, vectors)
+    return view.put_str(*keys, vectors)
+
+
+class Table:
+    """A table of fixed-width vectors looked up by key.
+
+    Obtain one from a store: ``store.create_table(...)``, ``store.load_table(...)`` or
+    ``store["name"]``. Any number of processes may read; writes are serialized across
+    processes by a per-table lock (a second writer waits up to the store's ``lock_timeout``).
+
+    Example::
+
+        items = store.create_table("items", dim=4)
+        items.put([1, 2], np.ones((2, 4), dtype="float32"))
+        vectors, found = items.get([1, 3])      # found == [True, False]
+    """
+
+    def __init__(self, path: str, name: str, *, readonly: bool, lock_timeout: float) -> None:
+        self.name = name
+        self.path = path
+        self.readonly = readonly
+        self.lock_timeout = lock_timeout
+        self._lock_path = path[: -len(TABLE_SUFFIX)] + LOCK_SUFFIX
+        self._lock_fd: int | None = None
+        self._lock_pid = 0
+        self._m: _Mapping | None = None
+        self._open_mapping()
+
+    # ---------------------------------------------------------------- schema
+
+    def _open_mapping(self) -> None:
+        m = _Mapping(self.path, writable=not self.readonly)
+        old, self._m = self._m, m
+        lay = m.layout
+        self.dim: int = lay.dim
+        self.dtype: np.dtype[Any] = lay.np_dtype
+        self.key_type: str = lay.key_type
+        self._view = m.view
+        self._int_keys = lay.key_type == "int64"
+        if old is not None:
+            old.close()
+
+    @property
+    def capacity(self) -> int:
+        """Rows the current version holds before it grows (growth is automatic)."""
+        return self._mapping().layout.row_capacity
+
+    @property
+    def generation(self) -> int:
+        """Counter bumped by every write batch on the current version."""
+        return int(self._mapping().counters[Counter.GENERATION])
+
+    def _mapping(self) -> _Mapping:
+        if self._m is None:
+            raise TableClosedError(f"table {self.name!r} is closed")
+        return self._m
+
+    def __len__(self) -> int:
+        m = self._mapping()
+        if m.counters[Counter.SUPERSEDED]:
+            self._refresh()
+            m = self._mapping()
+        return int(m.counters[Counter.LIVE])
+
+    def __repr__(self) -> str:
+        state = "closed" if self._m is None else f"{len(self)} rows"
+        return f"<embkv.Table {self.name!r} dim={self.dim} {self.dtype} keys={self.key_type} {state}>"
+
+    def info(self) -> dict[str, Any]:
+        """Schema, counts and file layout of the current version, as a plain dict."""
+        m = self._mapping()
+        c = m.counters
+        lay = m.layout
+        return {
+            "name": self.name, "path": self.path, "dim": lay.dim, "dtype": lay.dtype,
+            "key_type": lay.key_type, "rows": int(c[Counter.LIVE]), "capacity": lay.row_capacity,
+            "index_slots": lay.slot_count, "deleted_slots": int(c[Counter.TOMBS]),
+            "free_rows": int(c[Counter.FREE]), "rows_used": int(c[Counter.ROWS_USED]),
+            "key_heap_bytes": f"{int(c[Counter.HEAP_USED])}/{lay.heap_capacity}",
+            "file_bytes": lay.file_size, "generation": int(c[Counter.GENERATION]),
+            "memory_only": _is_memory_path(self.path), "kernel": BACKEND,
+        }
+
+    # ---------------------------------------------------------------- reads
+
+    def _refresh(self) -> None:
+        """Switch to the newest published version (the old mapping goes when unused)."""
+        self._mapping()
+        self._open_mapping()
+
+    def _pack_keys(self, keys: Any) -> Any:
+        if self._int_keys:
+            return as_int_keys(keys)
+        return as_str_keys(keys)
+
+    def get(self, keys: Any, default: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Look up a batch of keys.
+
+        Returns ``(vectors, found)``: ``vectors`` is a new ``[B, dim]`` array of the table's dtype,
+        ``found`` a bool ``[B]``. Missing rows hold ``default`` (a scalar or a ``[dim]`` vector;
+        zeros if None). A reader never sees a torn vector: each row is the old or the new one.
+        """
+        if self._int_keys:
+            k = keys if (type(keys) is np.ndarray and keys.dtype == np.int64 and keys.ndim == 1
+                         and keys.flags.c_contiguous) else as_int_keys(keys)
+            n = k.shape[0]
+        else:
+            k = as_str_keys(keys)
+            n = len(k[0]) // 8
+        dflt = None if default is None else self._default_bytes(default)
+        out = np.empty((n, self.dim), dtype=self.dtype)
+        found = np.empty(n, dtype=np.bool_)
+        if self._m is None:
+            raise TableClosedError(f"table {self.name!r} is closed")
+        while True:
+            view = self._view
+            hits = (view.get_int(k, out, found, dflt) if self._int_keys
+                    else view.get_str(k[0], k[1], k[2], out, found, dflt))
+            if hits >= 0:
+                return out, found
+            self._refresh()
+
+    def _default_bytes(self, default: Any) -> bytes:
+        try:
+            arr = np.broadcast_to(np.asarray(default, dtype=self.dtype), (self.dim,))
+        except (ValueError, TypeError) as exc:
+            raise SchemaError(f"default must be a scalar or a vector of dim {self.dim}: {exc}") from None
+        return arr.tobytes()
+
+    def contains(self, keys: Any) -> np.ndarray:
+        """Bool array: which of ``keys`` are present (no vectors copied)."""
+        k = self._pack_keys(keys)
+        n = k.shape[0] if self._int_keys else len(k[0]) // 8
+        found = np.empty(n, dtype=np.bool_)
+        self._mapping()
+        while True:
+            view = self._view
+            hits = (view.get_int(k, None, found, None) if self._int_keys
+                    else view.get_str(k[0], k[1], k[2], None, found, None))
+            if hits >= 0:
+                return found
+            self._refresh()
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return bool(self.contains([key])[0])
+        except KeyTypeError:
+            return False
+
+    # ---------------------------------------------------------------- writes
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[_Mapping]:
+        """Hold the table's writer lock, on the newest version, with crash recovery done."""
+        if self.readonly:
+            raise ReadOnlyError(f"table {self.name!r} was opened read-only")
+        self._mapping()
+        fd = self._acquire_lock()
+        try:
+            m = self._mapping()
+            try:
+                st = os.stat(self.path)
+                current = (st.st_dev, st.st_ino) == m.inode
+            except FileNotFoundError:
+                raise TableNotFoundError(f"table {self.name!r} was dropped") from None
+            if not current or m.counters[Counter.SUPERSEDED]:
+                self._refresh()
+                m = self._mapping()
+            if m.counters[Counter.DIRTY]:
+                recover_counters(m)
+            m.counters[Counter.DIRTY] = os.getpid()
+            try:
+                yield m
+            finally:
+                if self._m is not None:
+                    self._m.counters[Counter.DIRTY] = 0
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _acquire_lock(self) -> int:
+        pid = os.getpid()
+        if self._lock_fd is None or self._lock_pid != pid:
+            # after fork() the inherited descriptor shares its flock with the parent: open our own
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._lock_pid = pid
+        fd = self._lock_fd
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.0005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise WriterLockedError(
+                        f"table {self.name!r}: another writer held the lock for {self.lock_timeout}s"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def put(self, keys: Any, vectors: Any) -> None:
+        """Insert or overwrite a batch: ``keys`` [B], ``vectors`` [B, dim].
+
+        Duplicate keys in one batch: the last occurrence wins. NaN and inf are stored as
+        given. Values are cast to the table's dtype (float64 -> float16 may overflow to inf).
+        The table grows (a new version is built and published) when it runs out of room.
+        """
+        k = self._pack_keys(keys)
+        n = k.shape[0] if self._int_keys else len(k[0]) // 8
+        vecs = self._as_vectors(vectors, n)
+        if n == 0:
+            return
+        with self._writing() as m:
+            if _put_packed(m.view, m.layout, k, vecs):
+                return
+            heap_needed = 0 if self._int_keys else len(k[2])
+            self._rebuild(m, extra_rows=n, extra_heap=heap_needed)
+            m = self._mapping()
+            if not _put_packed(m.view, m.layout, k, vecs):
+                raise SchemaError("internal: table did not grow enough")
+
+    def _as_vectors(self, vectors: Any, n: int) -> np.ndarray:
+        arr = np.asarray(vectors)
+        if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+            raise SchemaError(f"vectors must be numeric, got dtype {arr.dtype}")
+        if arr.ndim == 1 and n == 1:
+            arr = arr.reshape(1, -1)
+        if arr.shape != (n, self.dim):
+            raise SchemaError(f"vectors must have shape ({n}, {self.dim}), got {arr.shape}")
+        return np.ascontiguousarray(arr, dtype=self.dtype)
+
+    def delete(self, keys: Any) -> int:
+        """Remove keys; returns how many were present. Missing keys are ignored."""
+        k = self._pack_keys(keys)
+        n = k.shape[0] if self._int_keys else len(k[0]) // 8
+        if n == 0:
+            return 0
+        with self._writing() as m:
+            if self._int_keys:
+                return m.view.delete_int(k)
+            return m.view.delete_str(*k)
+
+    # ---------------------------------------------------------------- versions
+
+    def _rebuild(self, m: _Mapping, extra_rows: int, extra_heap: int) -> None:
+        """Copy the live rows into a larger (or compacted) new version and publish it. Lock held."""
+        lay = m.layout
+        live = int(m.counters[Counter.LIVE])
+        need = live + extra_rows
+        capacity = lay.row_capacity if need <= lay.row_capacity else max(2 * lay.row_capacity, need + need // 8)
+        keys, vectors = export_live(m)
+        heap = 0
+        if not self._int_keys:
+            heap_needed = len(keys[2]) + extra_heap
+            heap = lay.heap_capacity if heap_needed <= lay.heap_capacity else max(2 * lay.heap_capacity,
+                                                                                  heap_needed * 5 // 4)
+        new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, capacity, heap, time.time_ns())
+        self._publish(new_layout, iter([(keys, vectors)]) if live else iter(()))
+
+    def _publish(self, layout: Layout, chunks: Iterator[tuple[Any, np.ndarray]],
+                 progress: Progress | None = None) -> None:
+        """Build a new version beside the current file and rename it over it. Lock held."""
+        tmp = temp_path(self.path)
+        try:
+            build_version(tmp, layout, chunks, progress)
+            os.rename(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        if not _is_memory_path(self.path):
+            fsync_dir(os.path.dirname(self.path))
+        old = self._m
+        if old is not None:
+            old.counters[Counter.DIRTY] = 0
+            old.counters[Counter.SUPERSEDED] = 1
+        self._open_mapping()
+
+    def export(self) -> tuple[Any, np.ndarray]:
+        """All live ``(keys, vectors)``: int64 array or list of str/bytes keys (as stored), copied.
+
+        Takes the writer lock briefly so the snapshot is consistent.
+        """
+        if self.readonly:  # no lock for readers: read the keys, then their vectors
+            if self._mapping().counters[Counter.SUPERSEDED]:
+                self._refresh()
+            keys = self.keys()
+            vectors, found = self.get(keys)
+            if self._int_keys:
+                return keys[found], vectors[found]
+            return [k for k, f in zip(keys, found.tolist(), strict=True) if f], vectors[found]
+        with self._writing() as m:
+            keys, vectors = export_live(m)
+        if not self._int_keys:
+            keys = unpack_str(keys)
+        return keys, vectors
+
+    def keys(self) -> Any:
+        """A snapshot of the keys present: an int64 array, or a list of str (bytes if not UTF-8)."""
+        m = self._mapping()
+        slots = m.slots()
+        live = (slots[:, 1] != SLOT_EMPTY) & (slots[:, 1] != SLOT_TOMB)
+        if self._int_keys:
+            return slots[live, 0].view(np.int64).copy()
+        rows = (slots[live, 1] - np.uint64(1)).astype(np.int64)
+        rows = rows[rows < m.layout.row_capacity]
+        return unpack_str(m.view.export_str(rows))
+
+    def close(self) -> None:
+        """Release the mapping and lock file. Arrays already returned stay valid."""
+        if self._m is not None:
+            self._m.close()
+            self._m = None
+        if self._lock_fd is not None and self._lock_pid == os.getpid():
+            os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def as_int_keys(keys: Any) -> np.ndarray:
+    """Keys for an int64 table as a contiguous int64 array; typed errors for anything else."""
+    if isinstance(keys, (str, bytes)):
+        raise KeyTypeError("int64 table: keys must be integers, got a string")
+    try:
+        arr = np.asarray(keys)
+    except (ValueError, TypeError) as exc:
+        raise KeyTypeError(f"int64 table: keys must be a flat array of integers ({exc})") from None
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise KeyTypeError(f"keys must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind == "u":
+        if arr.max() > _INT64_MAX:
+            raise KeyTypeError("int64 table: unsigned keys above 2**63-1 do not fit")
+    elif arr.dtype.kind != "i":
+        raise KeyTypeError(f"int64 table: keys must be integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def as_str_keys(keys: Any) -> tuple[bytes, bytes, bytes]:
+    """Keys for a str table packed as (xxh3 hashes, offsets, UTF-8 blob)."""
+    if isinstance(keys, (str, bytes)):
+        keys = [keys]
+    elif isinstance(keys, np.ndarray):
+        if keys.ndim != 1:
+            raise KeyTypeError(f"keys must be one-dimensional, got shape {keys.shape}")
+        if keys.dtype.kind not in "USO" and keys.size:
+            raise KeyTypeError(f"str table: keys must be str or bytes, got dtype {keys.dtype}")
+        keys = keys.tolist()
+    elif not isinstance(keys, Sequence):
+        keys = list(keys)
+    try:
+        packed: tuple[bytes, bytes, bytes] = pack_str(keys)
+    except TypeError as exc:
+        raise KeyTypeError(str(exc)) from None
+    return packed
+
+
+def unpack_str(packed: tuple[bytes, bytes, bytes]) -> list[str | bytes]:
+    """Inverse of :func:`as_str_keys` (keys that are not valid UTF-8 come back as bytes)."""
+    offsets = np.frombuffer(packed[1], dtype=np.uint64).tolist()
+    blob = packed[2]
+    out: list[str | bytes] = []
+    for i in range(len(offsets) - 1):
+        raw = blob[offsets[i] : offsets[i + 1]]
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(raw)
+    return out
+
+
+def export_live(m: _Mapping) -> tuple[Any, np.ndarray]:
+    """Keys (packed for str tables) and vectors of every live row. Writer lock held."""
+    lay = m.layout
+    slots = m.slots()
+    live = (slots[:, 1] != SLOT_EMPTY) & (slots[:, 1] != SLOT_TOMB)
+    rows = (slots[live, 1] - np.uint64(1)).astype(np.int64)
+    if len(rows) and rows.max() >= lay.row_capacity:
+        from .errors import CorruptTableError
+
+        raise CorruptTableError(f"{m.layout}: index points outside the row area")
+    order = np.argsort(rows, kind="stable")  # sequential reads of the row area
+    rows = rows[order]
+    vectors = m.rows()[rows, lay.row_header : lay.row_header + lay.vec_bytes].copy().view(lay.np_dtype)
+    if lay.key_type == "int64":
+        return slots[live, 0][order].view(np.int64).copy(), vectors
+    return m.view.export_str(rows), vectors
+
+
+def recover_counters(m: _Mapping) -> None:
+    """Recount after a writer died inside a batch: live keys, tombstones and the free-row stack.
+
+    Rows that the dead writer had taken but not yet published are found as unreferenced
+    rows below the high-water mark and returned to the free stack.
+    """
+    lay = m.layout
+    slots = m.slots()
+    srow = slots[:, 1]
+    live = (srow != SLOT_EMPTY) & (srow != SLOT_TOMB)
+    c = m.counters
+    c[Counter.LIVE] = int(live.sum())
+    c[Counter.TOMBS] = int((srow == SLOT_TOMB).sum())
+    used = min(int(c[Counter.ROWS_USED]), lay.row_capacity)
+    referenced = (srow[live] - np.uint64(1)).astype(np.int64)
+    free = np.setdiff1d(np.arange(used, dtype=np.int64), referenced)
+    freelist = np.frombuffer(m.mm, dtype=np.uint64, count=lay.row_capacity, offset=lay.freelist_offset)
+    freelist[: len(free)] = free
+    c[Counter.FREE] = len(free)
+    c[Counter.DIRTY] = 0
+
+
+def temp_path(path: str) -> str:
+    folder, base = os.path.split(path)
+    return os.path.join(folder, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str) -> None:
+    """Delete temp files left by builders that died (their pid is gone)."""
+    for entry in os.listdir(folder):
+        if not (entry.startswith(".") and entry.endswith(TMP_SUFFIX)):
+            continue
+        parts = entry.split(".")
+        try:
+            pid = int(parts[-3])
+        except (ValueError, IndexError):
+            continue
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, entry))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
