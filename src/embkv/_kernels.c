@@ -45,6 +45,7 @@
 #define COUNTERS_OFFSET 128
 #define SPIN_BUDGET 200000
 #define GIL_RELEASE_MIN 64
+#define PREFETCH_CHUNK 32
 
 #define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
@@ -218,9 +219,9 @@ static int require_open(View *self, int write)
 
 /* ---------------------------------------------------------------- reads */
 
-static int find_int(View *v, uint64_t key, char *dst, uint64_t *row_out)
+static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *row_out)
 {
-    uint64_t j = mix64(key) & v->mask;
+    uint64_t j = start & v->mask;
     uint64_t budget = SPIN_BUDGET;
     uint64_t step = 0;
     while (step < v->slot_count) {
@@ -377,8 +378,15 @@ static int packed_get(PyObject *h, PyObject *o, PyObject *b, packed_t *p)
     return 0;
 }
 
+/* string keys read straight from a list of str/bytes (no packing); valid while the GIL is held */
+typedef struct {
+    const char **ptrs;
+    uint64_t *lens;
+    uint64_t *hashes;
+} strlist_t;
+
 /* get(keys..., out, found, default) -> number found, or -1 when the file was superseded */
-static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, uint64_t n, PyObject *out_o,
+static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_t *sk, uint64_t n, PyObject *out_o,
                         PyObject *found_o, PyObject *default_o)
 {
     Py_buffer out = {0}, found = {0}, dflt = {0};
@@ -404,27 +412,52 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, uint64_t
     const char *d = have_dflt ? (const char *)dflt.buf : NULL;
     uint64_t hits = 0, bad_i = 0;
     int code = 0;
-    int release = n >= GIL_RELEASE_MIN;
+    int release = n >= GIL_RELEASE_MIN && sk == NULL; /* list keys point into Python objects */
     PyThreadState *ts = NULL;
     if (release)
         ts = PyEval_SaveThread();
-    for (uint64_t i = 0; i < n; i++) {
-        char *dst = o ? o + i * self->vec_bytes : NULL;
-        int r = ikeys ? find_int(self, (uint64_t)ikeys[i], dst, NULL)
-                      : find_str(self, pk->hashes[i], pk->blob + pk->offs[i], pk->offs[i + 1] - pk->offs[i], dst,
-                                 NULL);
-        if (r < 0) {
-            code = r;
-            bad_i = i;
-            break;
+    /* batches go in chunks: first hash every key and prefetch its home slot, then prefetch
+     * the rows those slots name, then do the validated reads, so cache misses overlap */
+    uint64_t starts[PREFETCH_CHUNK];
+    for (uint64_t base = 0; base < n && code == 0; base += PREFETCH_CHUNK) {
+        uint64_t m = n - base < PREFETCH_CHUNK ? n - base : PREFETCH_CHUNK;
+        for (uint64_t c = 0; c < m; c++) {
+            uint64_t i = base + c;
+            starts[c] = ikeys ? mix64((uint64_t)ikeys[i]) : (pk ? pk->hashes[i] : sk->hashes[i]);
+            __builtin_prefetch(&self->slots[starts[c] & self->mask]);
         }
-        f[i] = (uint8_t)r;
-        hits += (uint64_t)r;
-        if (!r && dst) {
-            if (d)
-                memcpy(dst, d, self->vec_bytes);
+        if (m > 1)
+            for (uint64_t c = 0; c < m; c++) {
+                uint64_t srow = LOAD_RLX(&self->slots[starts[c] & self->mask].row);
+                if (srow != SLOT_EMPTY && srow != SLOT_TOMB && srow - 1 < self->row_capacity) {
+                    __builtin_prefetch(row_meta(self, srow - 1));
+                    if (o)
+                        __builtin_prefetch(row_vec(self, srow - 1) + 64);
+                }
+            }
+        for (uint64_t c = 0; c < m; c++) {
+            uint64_t i = base + c;
+            char *dst = o ? o + i * self->vec_bytes : NULL;
+            int r;
+            if (ikeys)
+                r = find_int(self, (uint64_t)ikeys[i], starts[c], dst, NULL);
+            else if (pk)
+                r = find_str(self, starts[c], pk->blob + pk->offs[i], pk->offs[i + 1] - pk->offs[i], dst, NULL);
             else
-                memset(dst, 0, self->vec_bytes);
+                r = find_str(self, starts[c], sk->ptrs[i], sk->lens[i], dst, NULL);
+            if (r < 0) {
+                code = r;
+                bad_i = i;
+                break;
+            }
+            f[i] = (uint8_t)r;
+            hits += (uint64_t)r;
+            if (!r && dst) {
+                if (d)
+                    memcpy(dst, d, self->vec_bytes);
+                else
+                    memset(dst, 0, self->vec_bytes);
+            }
         }
     }
     if (release)
@@ -463,8 +496,61 @@ static PyObject *View_get_int(View *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "keys must be int64");
         return NULL;
     }
-    PyObject *res = do_get(self, (const int64_t *)kb.buf, NULL, (uint64_t)kb.len / 8, out_o, found_o, default_o);
+    PyObject *res = do_get(self, (const int64_t *)kb.buf, NULL, NULL, (uint64_t)kb.len / 8, out_o, found_o, default_o);
     PyBuffer_Release(&kb);
+    return res;
+}
+
+static PyObject *View_get_strlist(View *self, PyObject *args)
+{
+    PyObject *keys_o, *out_o, *found_o, *default_o;
+    if (!PyArg_ParseTuple(args, "OOOO", &keys_o, &out_o, &found_o, &default_o))
+        return NULL;
+    if (require_open(self, 0) < 0)
+        return NULL;
+    if (self->key_type != KEY_STR) {
+        PyErr_SetString(PyExc_TypeError, "table has int keys");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(keys_o, "keys must be a sequence of str or bytes");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *res = NULL;
+    strlist_t sk;
+    void *mem = PyMem_Malloc((size_t)(n ? n : 1) * (sizeof(char *) + 2 * sizeof(uint64_t)));
+    if (!mem) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    sk.ptrs = (const char **)mem;
+    sk.lens = (uint64_t *)(sk.ptrs + (n ? n : 1));
+    sk.hashes = sk.lens + (n ? n : 1);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = items[i];
+        Py_ssize_t len;
+        const char *data;
+        if (PyUnicode_Check(it)) {
+            data = PyUnicode_AsUTF8AndSize(it, &len);
+            if (!data)
+                goto out;
+        } else if (PyBytes_Check(it)) {
+            data = PyBytes_AS_STRING(it);
+            len = PyBytes_GET_SIZE(it);
+        } else {
+            PyErr_Format(PyExc_TypeError, "string-keyed table: key #%zd is %.100s, not str or bytes", i,
+                         Py_TYPE(it)->tp_name);
+            goto out;
+        }
+        sk.ptrs[i] = data;
+        sk.lens[i] = (uint64_t)len;
+        sk.hashes[i] = XXH3_64bits(data, (size_t)len);
+    }
+    res = do_get(self, NULL, NULL, &sk, (uint64_t)n, out_o, found_o, default_o);
+out:
+    PyMem_Free(mem);
+    Py_DECREF(seq);
     return res;
 }
 
@@ -482,7 +568,7 @@ static PyObject *View_get_str(View *self, PyObject *args)
     packed_t pk;
     if (packed_get(h, o, b, &pk) < 0)
         return NULL;
-    PyObject *res = do_get(self, NULL, &pk, pk.n, out_o, found_o, default_o);
+    PyObject *res = do_get(self, NULL, &pk, NULL, pk.n, out_o, found_o, default_o);
     packed_release(&pk);
     return res;
 }
@@ -917,6 +1003,8 @@ static PyMethodDef View_methods[] = {
      "get_int(keys, out|None, found, default|None) -> hits, or -1 if the file was superseded"},
     {"get_str", (PyCFunction)View_get_str, METH_VARARGS,
      "get_str(hashes, offsets, blob, out|None, found, default|None) -> hits, or -1 if superseded"},
+    {"get_strlist", (PyCFunction)View_get_strlist, METH_VARARGS,
+     "get_strlist(keys, out|None, found, default|None): string keys from a list, no packing"},
     {"put_int", (PyCFunction)View_put_int, METH_VARARGS, "put_int(keys, vectors) -> False if the table must grow"},
     {"put_str", (PyCFunction)View_put_str, METH_VARARGS,
      "put_str(hashes, offsets, blob, vectors) -> False if the table must grow"},

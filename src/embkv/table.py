@@ -243,9 +243,12 @@ class Table:
             k = keys if (type(keys) is np.ndarray and keys.dtype == np.int64 and keys.ndim == 1
                          and keys.flags.c_contiguous) else as_int_keys(keys)
             n = k.shape[0]
+        elif type(keys) is list or type(keys) is tuple:
+            k = keys  # the kernel reads str/bytes straight from the list
+            n = len(k)
         else:
-            k = as_str_keys(keys)
-            n = len(k[0]) // 8
+            k = str_keys_as_list(keys)
+            n = len(k)
         dflt = None if default is None else self._default_bytes(default)
         out = np.empty((n, self.dim), dtype=self.dtype)
         found = np.empty(n, dtype=np.bool_)
@@ -253,8 +256,13 @@ class Table:
             raise TableClosedError(f"table {self.name!r} is closed")
         while True:
             view = self._view
-            hits = (view.get_int(k, out, found, dflt) if self._int_keys
-                    else view.get_str(k[0], k[1], k[2], out, found, dflt))
+            if self._int_keys:
+                hits = view.get_int(k, out, found, dflt)
+            else:
+                try:
+                    hits = view.get_strlist(k, out, found, dflt)
+                except TypeError as exc:
+                    raise KeyTypeError(str(exc)) from None
             if hits >= 0:
                 return out, found
             self._refresh()
@@ -486,18 +494,28 @@ def as_int_keys(keys: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def as_str_keys(keys: Any) -> tuple[bytes, bytes, bytes]:
-    """Keys for a str table packed as (xxh3 hashes, offsets, UTF-8 blob)."""
+def str_keys_as_list(keys: Any) -> Sequence[Any]:
+    """Keys for a str table as a sequence of str/bytes (a bare str or bytes is one key)."""
     if isinstance(keys, (str, bytes)):
-        keys = [keys]
-    elif isinstance(keys, np.ndarray):
+        return [keys]
+    if isinstance(keys, np.ndarray):
         if keys.ndim != 1:
             raise KeyTypeError(f"keys must be one-dimensional, got shape {keys.shape}")
         if keys.dtype.kind not in "USO" and keys.size:
             raise KeyTypeError(f"str table: keys must be str or bytes, got dtype {keys.dtype}")
-        keys = keys.tolist()
-    elif not isinstance(keys, Sequence):
-        keys = list(keys)
+        listed: list[Any] = keys.tolist()
+        return listed
+    if isinstance(keys, Sequence):
+        return keys
+    try:
+        return list(keys)
+    except TypeError:
+        raise KeyTypeError(f"str table: keys must be a sequence of str or bytes, got {type(keys).__name__}") from None
+
+
+def as_str_keys(keys: Any) -> tuple[bytes, bytes, bytes]:
+    """Keys for a str table packed as (xxh3 hashes, offsets, UTF-8 blob)."""
+    keys = str_keys_as_list(keys)
     try:
         packed: tuple[bytes, bytes, bytes] = pack_str(keys)
     except TypeError as exc:
