@@ -42,7 +42,7 @@ from .kernels import BACKEND as KERNEL_BACKEND
 from .store import Store, open_store
 from .table import Table
 
-open = open_store  # noqa: A001 - `embkv.open(path)` is the documented entry point
+open = open_store  # `embkv.open(path)` is the documented entry point
 
 __version__ = "0.1.0"
 

@@ -133,10 +133,7 @@ class Layout:
         vec_bytes = dim * np.dtype(dtype).itemsize
         row_stride = row_header + (vec_bytes + 7) // 8 * 8
         slot_count = _next_pow2(int(capacity / TARGET_LOAD) + 1)
-        if key_type == "int64":
-            heap_capacity = 0
-        else:
-            heap_capacity = max(int(heap_capacity), 4096)
+        heap_capacity = 0 if key_type == "int64" else max(int(heap_capacity), 4096)
         index_offset = HEADER_SIZE
         rows_offset = _align(index_offset + slot_count * 16)
         freelist_offset = _align(rows_offset + capacity * row_stride)

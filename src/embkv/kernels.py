@@ -9,6 +9,8 @@ protocol described in ``_kernels.c`` and ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from typing import Any, Protocol
 
@@ -70,6 +72,11 @@ def _pack_str_py(keys: Any) -> tuple[bytes, bytes, bytes]:
     return hashes.tobytes(), offsets.tobytes(), b"".join(encoded)
 
 
+def _exact_subset(exact: Any, subset: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    result: np.ndarray = exact(subset[idx], rows)
+    return result
+
+
 class NumpyView:
     """Fallback kernels over numpy views of the mapped file."""
 
@@ -107,8 +114,8 @@ class NumpyView:
             return None
         return bytes(self.heap[off : off + length])
 
-    def _lookup(self, slotkeys: np.ndarray, starts: np.ndarray, exact: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Probe all keys in lockstep; returns (row per key or -1, sequence seen per key)."""
+    def _lookup(self, slotkeys: np.ndarray, starts: np.ndarray, exact: Any) -> np.ndarray:
+        """Probe all keys in lockstep (a Python iteration per probe step); the row per key or -1."""
         n = len(slotkeys)
         rows = np.full(n, -1, dtype=np.int64)
         pos = starts & self.mask
@@ -134,7 +141,7 @@ class NumpyView:
                 done = empty
             pending = pending[~done]
             pos[pending] = (pos[pending] + np.uint64(1)) & self.mask
-        return rows, np.zeros(0)
+        return rows
 
     def _get(self, slotkeys: np.ndarray, starts: np.ndarray, exact: Any, out: Any, found: Any,
              default: Any) -> int:
@@ -145,7 +152,8 @@ class NumpyView:
             len(slotkeys), self.layout.vec_bytes)
         todo = np.arange(len(slotkeys))
         for _ in range(_SPIN_ROUNDS):
-            rows, _unused = self._lookup(slotkeys[todo], starts[todo], lambda i, r: exact(todo[i], r))
+            sub_exact = functools.partial(_exact_subset, exact, todo)
+            rows = self._lookup(slotkeys[todo], starts[todo], sub_exact)
             hit = rows >= 0
             seq1 = np.zeros(len(todo), dtype=np.uint64)
             seq1[hit] = self.meta[rows[hit], 0]
@@ -315,7 +323,8 @@ class NumpyView:
     def delete_int(self, keys: Any) -> int:
         k = np.frombuffer(keys, dtype=np.int64)
         starts = mix64(k)
-        n = sum(self._delete_one(key, int(starts[i]), None) for i, key in enumerate(k.view(np.uint64).tolist()))
+        keys_u64 = k.view(np.uint64).tolist()
+        n = sum(self._delete_one(key, int(starts[i]), None) for i, key in enumerate(keys_u64))
         self.ctr[Counter.GENERATION] += np.uint64(1)
         return n
 
@@ -345,7 +354,7 @@ def _load_c() -> Any:
     if os.environ.get("EMBKV_KERNEL", "").lower() == "numpy":
         return None
     try:
-        from . import _kernels
+        _kernels = importlib.import_module("embkv._kernels")
     except ImportError:
         return None
     from .errors import CorruptTableError as _C

@@ -22,7 +22,6 @@ from .errors import (
 from .format import DTYPES, KEY_TYPES, Counter, Layout
 from .table import (
     LOAD_CHUNK,
-    LOCK_SUFFIX,
     TABLE_SUFFIX,
     Progress,
     Table,
@@ -166,7 +165,9 @@ class Store:
         if vectors.dtype.kind not in "fiu" or vectors.dtype == np.bool_:
             raise SchemaError(f"vectors must be numeric, got dtype {vectors.dtype}")
         key_type = _infer_key_type(keys)
-        existing = self[name] if name in self else None
+        existing = None
+        if name in self:
+            existing = self[name]
         if existing is not None:
             if existing.dim != vectors.shape[1] or existing.key_type != key_type:
                 raise SchemaError(
@@ -230,7 +231,7 @@ def open_store(path: str | os.PathLike[str], readonly: bool = False,
 
 def _dtype_name(dtype: Any) -> str:
     try:
-        name = np.dtype(dtype).name
+        name: str = np.dtype(dtype).name
     except TypeError:
         raise SchemaError(f"unknown dtype {dtype!r}") from None
     if name not in DTYPES:
@@ -307,7 +308,10 @@ def _infer_key_type(keys: Any) -> str:
     raise KeyTypeError(f"keys must be integers or strings, got {type(first).__name__}")
 
 
-def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[Iterator[tuple[Any, np.ndarray]], int]:
+Chunks = Iterator[tuple[Any, np.ndarray]]
+
+
+def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[Chunks, int]:
     """Validate and pack keys up front (so bad input changes nothing), then stream vector chunks."""
     n = len(vectors)
     assert key_type in KEY_TYPES

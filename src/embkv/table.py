@@ -137,7 +137,8 @@ def build_version(path: str, layout: Layout, chunks: Iterator[tuple[Any, np.ndar
 def _put_packed(view: KernelView, layout: Layout, keys: Any, vectors: np.ndarray) -> bool:
     if layout.key_type == "int64":
         return view.put_int(keys, vectors)
-    return view.put_str(*keys, vectors)
+    hashes, offsets, blob = keys
+    return view.put_str(hashes, offsets, blob, vectors)
 
 
 class Table:
@@ -239,6 +240,7 @@ class Table:
         ``found`` a bool ``[B]``. Missing rows hold ``default`` (a scalar or a ``[dim]`` vector;
         zeros if None). A reader never sees a torn vector: each row is the old or the new one.
         """
+        k: Any
         if self._int_keys:
             k = keys if (type(keys) is np.ndarray and keys.dtype == np.int64 and keys.ndim == 1
                          and keys.flags.c_contiguous) else as_int_keys(keys)
