@@ -115,7 +115,7 @@ def info(store: str, table: str | None, as_json: bool) -> None:
                 click.echo(f"  {k:<16}{v}")
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})  # negative int keys are not options
 @click.argument("store")
 @click.argument("table")
 @click.argument("keys", nargs=-1, required=True)

@@ -17,6 +17,7 @@ import fcntl
 import mmap
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -163,6 +164,9 @@ class Table:
         self._lock_path = path[: -len(TABLE_SUFFIX)] + LOCK_SUFFIX
         self._lock_fd: int | None = None
         self._lock_pid = 0
+        # flock is per open file description, so it does not exclude threads sharing our descriptor
+        self._thread_lock = threading.Lock()
+        self._thread_lock_pid = os.getpid()
         self._m: _Mapping | None = None
         self._open_mapping()
 
@@ -304,27 +308,37 @@ class Table:
         if self.readonly:
             raise ReadOnlyError(f"table {self.name!r} was opened read-only")
         self._mapping()
-        fd = self._acquire_lock()
-        try:
-            m = self._mapping()
+        if self._thread_lock_pid != os.getpid():
+            self._thread_lock = threading.Lock()  # a fork may have copied it in the locked state
+            self._thread_lock_pid = os.getpid()
+        with self._thread_lock:
+            fd = self._acquire_lock()
             try:
-                st = os.stat(self.path)
-                current = (st.st_dev, st.st_ino) == m.inode
-            except FileNotFoundError:
-                raise TableNotFoundError(f"table {self.name!r} was dropped") from None
-            if not current or m.counters[Counter.SUPERSEDED]:
-                self._refresh()
-                m = self._mapping()
-            if m.counters[Counter.DIRTY]:
-                recover_counters(m)
-            m.counters[Counter.DIRTY] = os.getpid()
-            try:
-                yield m
+                with self._locked_writing() as m:
+                    yield m
             finally:
-                if self._m is not None:
-                    self._m.counters[Counter.DIRTY] = 0
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _locked_writing(self) -> Iterator[_Mapping]:
+        """The part of `_writing` done with the lock held: switch to the current file, recover."""
+        m = self._mapping()
+        try:
+            st = os.stat(self.path)
+            current = (st.st_dev, st.st_ino) == m.inode
+        except FileNotFoundError:
+            raise TableNotFoundError(f"table {self.name!r} was dropped") from None
+        if not current or m.counters[Counter.SUPERSEDED]:
+            self._refresh()
+            m = self._mapping()
+        if m.counters[Counter.DIRTY]:
+            recover_counters(m)
+        m.counters[Counter.DIRTY] = os.getpid()
+        try:
+            yield m
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if self._m is not None:
+                self._m.counters[Counter.DIRTY] = 0
 
     def _acquire_lock(self) -> int:
         pid = os.getpid()
