@@ -618,18 +618,77 @@ static void free_row(View *v, uint64_t r)
     STORE_REL(&v->ctr[C_FREE], nfree + 1);
 }
 
+/* checksum of a row: xxh3 of everything after the sequence word (key fields and vector) */
+static inline uint32_t row_checksum(View *v, uint64_t r)
+{
+    return (uint32_t)XXH3_64bits(v->rows + r * v->row_stride + 8, v->row_header - 8 + v->vec_bytes);
+}
+
 static void write_row(View *v, uint64_t r, const uint64_t *meta, int nmeta, const char *vec)
 {
+    /* the sequence word: low 32 bits a counter (odd while writing), high 32 bits the row checksum */
     uint64_t *m = row_meta(v, r);
-    uint64_t seq = m[0];
-    if (seq & 1) /* left odd by a writer killed mid-row: the row was unreferenced, just move on */
-        seq++;
-    STORE_RLX(&m[0], seq + 1);
+    uint64_t word = m[0];
+    uint32_t count = (uint32_t)word;
+    if (count & 1) /* left odd by a writer killed mid-row: the row was unreferenced, just move on */
+        count++;
+    STORE_RLX(&m[0], (word & 0xFFFFFFFF00000000ULL) | (uint32_t)(count + 1));
     __atomic_thread_fence(__ATOMIC_RELEASE);
     for (int i = 0; i < nmeta; i++)
         STORE_RLX(&m[1 + i], meta[i]);
     memcpy(row_vec(v, r), vec, v->vec_bytes);
-    STORE_REL(&m[0], seq + 2);
+    uint64_t sum = row_checksum(v, r);
+    STORE_REL(&m[0], (sum << 32) | (uint32_t)(count + 2));
+}
+
+/* verify_rows(rows) -> list of (row, problem) for rows whose checksum or key bytes are wrong */
+static PyObject *View_verify_rows(View *self, PyObject *args)
+{
+    Py_buffer rb;
+    if (!PyArg_ParseTuple(args, "y*", &rb))
+        return NULL;
+    PyObject *bad = PyList_New(0);
+    if (!bad || require_open(self, 0) < 0 || rb.len % 8) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "rows must be int64");
+        Py_XDECREF(bad);
+        PyBuffer_Release(&rb);
+        return NULL;
+    }
+    const int64_t *rows = (const int64_t *)rb.buf;
+    uint64_t n = (uint64_t)rb.len / 8;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t r = (uint64_t)rows[i];
+        const char *problem = NULL;
+        if (r >= self->row_capacity) {
+            problem = "row number outside the row area";
+        } else {
+            uint64_t *m = row_meta(self, r);
+            uint64_t word = LOAD_ACQ(&m[0]);
+            if (word & 1)
+                problem = "row left half-written (odd sequence)";
+            else if ((uint32_t)(word >> 32) != row_checksum(self, r))
+                problem = "row checksum mismatch (vector or key damaged)";
+            else if (self->key_type == KEY_STR) {
+                if (!check_range(m[2], m[3], self->heap_capacity))
+                    problem = "string key outside the key heap";
+                else if (XXH3_64bits(self->heap + m[2], m[3]) != m[1])
+                    problem = "string key bytes do not match their hash";
+            }
+        }
+        if (problem) {
+            PyObject *item = Py_BuildValue("(Ks)", (unsigned long long)r, problem);
+            if (!item || PyList_Append(bad, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(bad);
+                PyBuffer_Release(&rb);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+    }
+    PyBuffer_Release(&rb);
+    return bad;
 }
 
 /* locate key for the writer: *slot_out = matching slot, or the slot to insert at */
@@ -1023,6 +1082,8 @@ static PyMethodDef View_methods[] = {
     {"delete_int", (PyCFunction)View_delete_int, METH_VARARGS, "delete_int(keys) -> number deleted"},
     {"delete_str", (PyCFunction)View_delete_str, METH_VARARGS, "delete_str(hashes, offsets, blob) -> deleted"},
     {"export_str", (PyCFunction)View_export_str, METH_VARARGS, "export_str(rows) -> packed keys of those rows"},
+    {"verify_rows", (PyCFunction)View_verify_rows, METH_VARARGS,
+     "verify_rows(rows) -> [(row, problem)] for damaged rows (checksums, string key bytes)"},
     {"release", (PyCFunction)View_release, METH_NOARGS, "release the mapped buffer"},
     {NULL}};
 

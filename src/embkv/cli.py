@@ -166,6 +166,52 @@ def export(store: str, table: str, out: str) -> None:
 
 
 @main.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.argument("table", required=False)
+def check(store: str, table: str | None) -> None:
+    """Verify tables: header, index, row checksums, free rows, counters.
+
+    STORE may be a store folder (all tables, or TABLE) or one .ekv file. Exits 1 if any
+    problem is found, and names it.
+    """
+    from embkv.check import check_table, table_paths
+
+    failed = False
+    paths = table_paths(store, table)
+    if not paths:
+        click.echo(f"{store}: no tables")
+    for path in paths:
+        report = check_table(path)
+        click.echo(str(report))
+        failed |= not report.ok
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("store")
+@click.argument("table")
+@click.option("--yes", is_flag=True, help="Do not ask before dropping damaged rows.")
+def repair(store: str, table: str, yes: bool) -> None:
+    """Rebuild TABLE from its intact rows, dropping damaged ones, and publish it.
+
+    A table whose header is damaged cannot be repaired: restore it from a snapshot.
+    """
+    from embkv.check import check_table, repair_table
+
+    s = embkv.open(store)
+    before = check_table(s[table].path)
+    click.echo(str(before))
+    if before.ok:
+        return
+    if not yes:
+        click.confirm(f"drop {len(before.damaged_rows)} damaged row(s) and rebuild?", abort=True)
+    result = repair_table(s[table])
+    click.echo(f"rebuilt: kept {result['kept']:,} rows, dropped {result['dropped']:,}")
+    click.echo(str(check_table(s[table].path)))
+
+
+@main.command()
 @click.argument("store")
 @click.argument("table")
 @click.confirmation_option(prompt="Delete the table and its data?")

@@ -38,6 +38,7 @@ class KernelView(Protocol):
     def delete_int(self, keys: Any) -> int: ...
     def delete_str(self, hashes: Any, offsets: Any, blob: Any) -> int: ...
     def export_str(self, rows: Any) -> tuple[bytes, bytes, bytes]: ...
+    def verify_rows(self, rows: Any) -> list[tuple[int, str]]: ...
     def release(self) -> None: ...
 
 
@@ -254,13 +255,37 @@ class NumpyView:
         self.freelist[int(self.ctr[Counter.FREE])] = r
         self.ctr[Counter.FREE] += np.uint64(1)
 
+    def _checksum(self, r: int) -> int:
+        lay = self.layout
+        return xxhash.xxh3_64_intdigest(self.rows[r, 8 : lay.row_header + lay.vec_bytes].tobytes()) & 0xFFFFFFFF
+
     def _write_row(self, r: int, meta: list[int], vec: np.ndarray) -> None:
-        seq = int(self.meta[r, 0])
-        seq += seq & 1
-        self.meta[r, 0] = seq + 1
+        word = int(self.meta[r, 0])
+        count = word & 0xFFFFFFFF
+        count += count & 1
+        self.meta[r, 0] = (word & 0xFFFFFFFF00000000) | ((count + 1) & 0xFFFFFFFF)
         self.meta[r, 1 : 1 + len(meta)] = meta
         self.vecs[r] = vec
-        self.meta[r, 0] = seq + 2
+        self.meta[r, 0] = (self._checksum(r) << 32) | ((count + 2) & 0xFFFFFFFF)
+
+    def verify_rows(self, rows: Any) -> list[tuple[int, str]]:
+        bad = []
+        for r in np.frombuffer(rows, dtype=np.int64).tolist():
+            if not 0 <= r < self.layout.row_capacity:
+                bad.append((r, "row number outside the row area"))
+                continue
+            word = int(self.meta[r, 0])
+            if word & 1:
+                bad.append((r, "row left half-written (odd sequence)"))
+            elif word >> 32 != self._checksum(r):
+                bad.append((r, "row checksum mismatch (vector or key damaged)"))
+            elif self.key_type == 2:
+                key = self._heap_key(int(self.meta[r, 2]), int(self.meta[r, 3]))
+                if key is None:
+                    bad.append((r, "string key outside the key heap"))
+                elif xxhash.xxh3_64_intdigest(key) != int(self.meta[r, 1]):
+                    bad.append((r, "string key bytes do not match their hash"))
+        return bad
 
     def _put_one(self, slotkey: int, start: int, key_bytes: bytes | None, vec: np.ndarray) -> None:
         j, found = self._probe(slotkey, start, key_bytes)

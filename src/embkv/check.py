@@ -1,0 +1,190 @@
+"""Verify a table file (``embkv check``) and rebuild what can be saved from a damaged one (``embkv repair``).
+
+The checker trusts nothing in the file: it parses the header through the same validation as
+open, then cross-checks the index, the rows (checksums, keys), the free-row stack and the
+counters against each other, vectorized where it can be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from .errors import EmbkvError
+from .format import Counter
+from .kernels import SLOT_EMPTY, SLOT_TOMB
+from .table import TABLE_SUFFIX, Table, _Mapping
+
+__all__ = ["CheckReport", "check_table", "repair_table"]
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """What ``check_table`` found: ``problems`` is empty for a healthy table."""
+
+    path: str
+    rows: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+    damaged_rows: list[int] = dataclasses.field(default_factory=list)
+    fatal: bool = False  # the file cannot be opened at all (header, size, magic)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"{self.path}: OK ({self.rows:,} rows)"
+        lines = [f"{self.path}: {len(self.problems)} problem(s)"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+_MAX_LISTED = 20
+
+
+def check_table(path: str) -> CheckReport:
+    """Check one table file; never raises for a damaged file, reports instead."""
+    report = CheckReport(path)
+    try:
+        m = _Mapping(path, writable=False)
+    except EmbkvError as exc:
+        report.problems.append(f"{type(exc).__name__}: {exc}")
+        report.fatal = True
+        return report
+    try:
+        _check_mapping(m, report)
+    finally:
+        m.close()
+    return report
+
+
+def _check_mapping(m: _Mapping, report: CheckReport) -> None:
+    lay = m.layout
+    c = m.counters
+    problems = report.problems
+    slots = m.slots()
+    srow = slots[:, 1]
+    live = (srow != SLOT_EMPTY) & (srow != SLOT_TOMB)
+    n_live = int(live.sum())
+    n_tomb = int((srow == SLOT_TOMB).sum())
+    report.rows = n_live
+    if c[Counter.DIRTY]:
+        problems.append(f"a writer (pid {int(c[Counter.DIRTY])}) died inside a batch; the next write recovers")
+    if n_live != int(c[Counter.LIVE]):
+        problems.append(f"live-key counter says {int(c[Counter.LIVE])}, the index holds {n_live}")
+    if n_tomb != int(c[Counter.TOMBS]):
+        problems.append(f"tombstone counter says {int(c[Counter.TOMBS])}, the index holds {n_tomb}")
+    rows = (srow[live] - np.uint64(1)).astype(np.int64)
+    slot_idx = np.flatnonzero(live)
+    out_of_range = rows >= lay.row_capacity
+    if out_of_range.any():
+        problems.append(f"{int(out_of_range.sum())} index slot(s) point outside the row area, "
+                        f"e.g. slot {int(slot_idx[out_of_range][0])}")
+    ok_rows = rows[~out_of_range]
+    ok_slots = slot_idx[~out_of_range]
+    uniq, counts = np.unique(ok_rows, return_counts=True)
+    if (counts > 1).any():
+        problems.append(f"{int((counts > 1).sum())} row(s) referenced by more than one index slot")
+    if len(ok_rows) and ok_rows.max() >= int(c[Counter.ROWS_USED]):
+        problems.append("index references rows above the rows-used mark")
+    meta = m.rows()[ok_rows, : lay.row_header].view(np.uint64)
+    mismatch = meta[:, 1] != slots[ok_slots, 0] if len(ok_rows) else np.zeros(0, dtype=bool)
+    if mismatch.any():
+        problems.append(f"{int(mismatch.sum())} row(s) hold a different key than their index slot, "
+                        f"e.g. row {int(ok_rows[mismatch][0])}")
+    bad = m.view.verify_rows(np.ascontiguousarray(ok_rows))
+    if bad:
+        report.damaged_rows = [r for r, _ in bad]
+        kinds: dict[str, int] = {}
+        for _, why in bad:
+            kinds[why] = kinds.get(why, 0) + 1
+        for why, count in kinds.items():
+            problems.append(f"{count} row(s): {why}, e.g. row {next(r for r, w in bad if w == why)}")
+    if lay.key_type == "int64" and len(ok_rows):
+        keys = slots[ok_slots, 0]
+        if len(np.unique(keys)) != len(keys):
+            problems.append("the same key appears in more than one index slot")
+    _check_freelist(m, uniq, problems)
+    _check_reachable(m, ok_slots, problems)
+
+
+def _check_freelist(m: _Mapping, referenced: np.ndarray, problems: list[str]) -> None:
+    lay = m.layout
+    nfree = int(m.counters[Counter.FREE])
+    free = np.frombuffer(m.mm, dtype=np.uint64, count=lay.row_capacity, offset=lay.freelist_offset)[:nfree]
+    free = free.astype(np.int64)
+    if (free >= int(m.counters[Counter.ROWS_USED])).any() or (free < 0).any():
+        problems.append("free-row stack holds rows above the rows-used mark")
+    if len(np.unique(free)) != len(free):
+        problems.append("free-row stack lists a row twice")
+    both = np.intersect1d(free, referenced)
+    if len(both):
+        problems.append(f"{len(both)} row(s) are both free and referenced by the index, e.g. row {int(both[0])}")
+
+
+def _check_reachable(m: _Mapping, live_slots: np.ndarray, problems: list[str]) -> None:
+    """Every live slot must be found by a probe from its key's home slot (no gap before it)."""
+    lay = m.layout
+    if lay.key_type != "int64" or not len(live_slots):
+        return
+    keys = m.slots()[live_slots, 0].view(np.int64)
+    found = np.empty(len(keys), dtype=np.bool_)
+    try:
+        m.view.get_int(np.ascontiguousarray(keys), None, found, None)
+    except EmbkvError as exc:
+        problems.append(f"lookups fail: {exc}")
+        return
+    lost = int((~found).sum())
+    if lost:
+        problems.append(f"{lost} key(s) in the index cannot be found by a lookup (broken probe chain)")
+
+
+def table_paths(store_path: str, table: str | None = None) -> list[str]:
+    if os.path.isfile(store_path):
+        return [store_path]
+    if table is not None:
+        return [os.path.join(store_path, table + TABLE_SUFFIX)]
+    return sorted(os.path.join(store_path, e) for e in os.listdir(store_path)
+                  if e.endswith(TABLE_SUFFIX) and not e.startswith("."))
+
+
+def repair_table(table: Table) -> dict[str, Any]:
+    """Rebuild ``table`` from its intact rows and publish that as the new version.
+
+    Rows whose checksum or key is damaged, and index slots that point nowhere, are dropped
+    (and counted); every intact key keeps its vector. Needs the header to be readable.
+    """
+    with table._writing() as m:
+        lay = m.layout
+        slots = m.slots()
+        srow = slots[:, 1]
+        live = (srow != SLOT_EMPTY) & (srow != SLOT_TOMB)
+        rows = (srow[live] - np.uint64(1)).astype(np.int64)
+        slotkeys = slots[live, 0]
+        in_range = rows < lay.row_capacity
+        rows, slotkeys = rows[in_range], slotkeys[in_range]
+        meta = m.rows()[rows, : lay.row_header].view(np.uint64)
+        keep = meta[:, 1] == slotkeys if len(rows) else np.zeros(0, dtype=bool)
+        damaged = {r for r, _ in m.view.verify_rows(np.ascontiguousarray(rows))}
+        if damaged:
+            keep &= ~np.isin(rows, np.fromiter(damaged, dtype=np.int64))
+        rows = rows[keep]
+        _, first = np.unique(rows, return_index=True)  # one slot per row
+        rows = rows[np.sort(first)]
+        vectors = m.rows()[rows, lay.row_header : lay.row_header + lay.vec_bytes].copy().view(lay.np_dtype)
+        keys: Any
+        if lay.key_type == "int64":
+            keys = meta[keep][np.sort(first), 1].view(np.int64).copy()
+        else:
+            keys = m.view.export_str(np.ascontiguousarray(rows))
+        dropped = int(live.sum()) - len(rows)
+        from .format import Layout
+
+        new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, max(lay.row_capacity, len(rows)),
+                                 lay.heap_capacity)
+        table._publish(new_layout, iter([(keys, vectors)]) if len(rows) else iter(()))
+    return {"kept": len(rows), "dropped": dropped}
