@@ -30,6 +30,7 @@ from .table import (
     check_name,
     remove_stale_temps,
 )
+from .wal import SYNC_POLICIES, wal_path
 
 __all__ = ["Store", "open_store"]
 
@@ -51,10 +52,15 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
-                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, sync: str = "interval",
+                 sync_interval: float = 1.0) -> None:
+        if sync not in SYNC_POLICIES:
+            raise SchemaError(f"sync must be one of {SYNC_POLICIES}, got {sync!r}")
         self.path = os.path.abspath(os.fspath(path))
         self.readonly = readonly
         self.lock_timeout = float(lock_timeout)
+        self.sync = sync
+        self.sync_interval = float(sync_interval)
         self._tables: dict[str, Table] = {}
         self._closed = False
         if readonly:
@@ -98,7 +104,8 @@ class Store:
         path = self._table_path(name)
         if not os.path.exists(path):
             raise TableNotFoundError(f"store {self.path} has no table {name!r} (has {self.list_tables()})")
-        table = Table(path, name, readonly=self.readonly, lock_timeout=self.lock_timeout)
+        table = Table(path, name, readonly=self.readonly, lock_timeout=self.lock_timeout, sync=self.sync,
+                      sync_interval=self.sync_interval)
         self._tables[name] = table
         return table
 
@@ -197,6 +204,8 @@ class Store:
         table = self[name]
         with table._writing() as m:
             os.unlink(table.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(wal_path(table.path))
             m.counters[Counter.SUPERSEDED] = 1
         table.close()
         self._tables.pop(name, None)
@@ -216,14 +225,19 @@ class Store:
 
 
 def open_store(path: str | os.PathLike[str], readonly: bool = False,
-               lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Store:
+               lock_timeout: float = DEFAULT_LOCK_TIMEOUT, sync: str = "interval",
+               sync_interval: float = 1.0) -> Store:
     """Open (and create, unless ``readonly``) the store at ``path``. Exposed as :func:`embkv.open`.
 
     ``/dev/shm/...`` keeps tables in shared memory (fast, lost at reboot); a disk path keeps
     them durable and may exceed RAM (pages come from the page cache).
     ``lock_timeout``: seconds a writer waits for another process's write to finish.
+    ``sync`` (disk stores): when the write-ahead log is fsynced: ``"always"`` before each
+    ``put``/``delete`` returns, ``"interval"`` every ``sync_interval`` seconds (the default,
+    like Redis's ``appendfsync everysec``), or ``"never"``. A killed process loses no
+    acknowledged write under any policy; the policy matters for power loss and OS crashes.
     """
-    return Store(path, readonly=readonly, lock_timeout=lock_timeout)
+    return Store(path, readonly=readonly, lock_timeout=lock_timeout, sync=sync, sync_interval=sync_interval)
 
 
 # -------------------------------------------------------------------- load helpers

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import (
+    EmbkvError,
     KeyTypeError,
     ReadOnlyError,
     SchemaError,
@@ -35,6 +36,7 @@ from .errors import (
 )
 from .format import COUNTERS_OFFSET, HEADER_SIZE, Counter, Layout, check_counters
 from .kernels import BACKEND, SLOT_EMPTY, SLOT_TOMB, KernelView, make_view, pack_str
+from .wal import DELETE_INT, DELETE_STR, PUT_INT, PUT_STR, WriteAheadLog, boot_id, checkpoint_due, wal_path
 
 __all__ = ["Table"]
 
@@ -77,6 +79,7 @@ class _Mapping:
             self.mm = mmap.mmap(fd, self.layout.file_size, access=access)
         finally:
             os.close(fd)
+        self.path = path
         self.inode = (st.st_dev, st.st_ino)
         self.counters = np.frombuffer(self.mm, dtype=np.uint64, count=Counter.COUNT, offset=COUNTERS_OFFSET)
         check_counters(self.counters, self.layout, where=path)
@@ -156,11 +159,18 @@ class Table:
         vectors, found = items.get([1, 3])      # found == [True, False]
     """
 
-    def __init__(self, path: str, name: str, *, readonly: bool, lock_timeout: float) -> None:
+    def __init__(self, path: str, name: str, *, readonly: bool, lock_timeout: float, sync: str = "interval",
+                 sync_interval: float = 1.0) -> None:
         self.name = name
         self.path = path
         self.readonly = readonly
         self.lock_timeout = lock_timeout
+        self.sync = sync
+        self.sync_interval = sync_interval
+        # a table on a disk path logs every write batch before applying it (see wal.py)
+        self.durable = not _is_memory_path(path)
+        self._wal: WriteAheadLog | None = None
+        self._wal_checked: tuple[int, int] | None = None  # (pid, created_ns) whose log header was checked
         self._lock_path = path[: -len(TABLE_SUFFIX)] + LOCK_SUFFIX
         self._lock_fd: int | None = None
         self._lock_pid = 0
@@ -331,6 +341,8 @@ class Table:
         if not current or m.counters[Counter.SUPERSEDED]:
             self._refresh()
             m = self._mapping()
+        if self.durable:
+            self._recover_from_log(m)
         if m.counters[Counter.DIRTY]:
             recover_counters(m)
         m.counters[Counter.DIRTY] = os.getpid()
@@ -339,6 +351,46 @@ class Table:
         finally:
             if self._m is not None:
                 self._m.counters[Counter.DIRTY] = 0
+
+    def _log(self) -> WriteAheadLog:
+        if self._wal is None or self._wal.pid != os.getpid():
+            self._wal = WriteAheadLog(wal_path(self.path), self.sync, self.sync_interval)
+            self._wal_checked = None
+        return self._wal
+
+    def _recover_from_log(self, m: _Mapping) -> None:
+        """Replay what a dead writer logged but may not have applied. Lock held."""
+        wal = self._log()
+        created = m.layout.created_ns
+        replay_all = False
+        if self._wal_checked != (os.getpid(), created):
+            header = wal.header()
+            if header is None or header[0] != created:
+                # no log yet, or the log of an older version: the published file holds everything
+                wal.reset(created, int(m.counters[Counter.GENERATION]))
+            elif header[1] != boot_id():
+                replay_all = True  # rebooted: the counter page may have reached disk before the rows
+            self._wal_checked = (os.getpid(), created)
+        if not (replay_all or m.counters[Counter.DIRTY]):
+            return
+        applied = int(m.counters[Counter.GENERATION])
+        last = applied
+        recover_counters(m)  # a sane free-row stack first: replay allocates rows
+        for kind, count, gen, payload in list(wal.records()):
+            if (replay_all or gen > applied) and _apply_record(m, kind, count, payload):
+                last = max(last, gen)
+        recover_counters(m)
+        m.counters[Counter.GENERATION] = last
+        self._checkpoint(m)
+
+    def _checkpoint(self, m: _Mapping) -> None:
+        """Flush the table file to disk and empty the log. Lock held."""
+        m.mm.flush()
+        self._log().reset(m.layout.created_ns, int(m.counters[Counter.GENERATION]))
+
+    def _logged(self, m: _Mapping, kind: int, count: int, parts: list[Any]) -> None:
+        if self.durable:
+            self._log().append(kind, count, int(m.counters[Counter.GENERATION]) + 1, parts)
 
     def _acquire_lock(self) -> int:
         pid = os.getpid()
@@ -373,14 +425,18 @@ class Table:
         vecs = self._as_vectors(vectors, n)
         if n == 0:
             return
+        kind, parts = (PUT_INT, [k, vecs]) if self._int_keys else (PUT_STR, [*k, vecs])
         with self._writing() as m:
-            if _put_packed(m.view, m.layout, k, vecs):
-                return
-            heap_needed = 0 if self._int_keys else len(k[2])
-            self._rebuild(m, extra_rows=n, extra_heap=heap_needed)
-            m = self._mapping()
+            self._logged(m, kind, n, parts)
             if not _put_packed(m.view, m.layout, k, vecs):
-                raise SchemaError("internal: table did not grow enough")
+                heap_needed = 0 if self._int_keys else len(k[2])
+                self._rebuild(m, extra_rows=n, extra_heap=heap_needed)  # starts a new log
+                m = self._mapping()
+                self._logged(m, kind, n, parts)
+                if not _put_packed(m.view, m.layout, k, vecs):
+                    raise SchemaError("internal: table did not grow enough")
+            if self.durable and checkpoint_due(self._log()):
+                self._checkpoint(m)
 
     def _as_vectors(self, vectors: Any, n: int) -> np.ndarray:
         arr = np.asarray(vectors)
@@ -400,7 +456,9 @@ class Table:
             return 0
         with self._writing() as m:
             if self._int_keys:
+                self._logged(m, DELETE_INT, n, [k])
                 return m.view.delete_int(k)
+            self._logged(m, DELETE_STR, n, list(k))
             return m.view.delete_str(*k)
 
     # ---------------------------------------------------------------- versions
@@ -431,13 +489,17 @@ class Table:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        if not _is_memory_path(self.path):
+        if self.durable:
             fsync_dir(os.path.dirname(self.path))
         old = self._m
         if old is not None:
             old.counters[Counter.DIRTY] = 0
             old.counters[Counter.SUPERSEDED] = 1
         self._open_mapping()
+        if self.durable:  # the new version holds every logged write: start its log empty
+            m = self._mapping()
+            self._log().reset(m.layout.created_ns, int(m.counters[Counter.GENERATION]))
+            self._wal_checked = (os.getpid(), m.layout.created_ns)
 
     def export(self) -> tuple[Any, np.ndarray]:
         """All live ``(keys, vectors)``: int64 array or list of str/bytes keys (as stored), copied.
@@ -470,7 +532,16 @@ class Table:
         return unpack_str(m.view.export_str(rows))
 
     def close(self) -> None:
-        """Release the mapping and lock file. Arrays already returned stay valid."""
+        """Checkpoint a durable table's log, release the mapping and lock file.
+
+        Arrays already returned stay valid.
+        """
+        if self._wal is not None and self._wal.pid == os.getpid():
+            if self._m is not None and self._wal.size() > 64:
+                with contextlib.suppress(EmbkvError), self._writing() as m:
+                    self._checkpoint(m)
+            self._wal.close()
+            self._wal = None
         if self._m is not None:
             self._m.close()
             self._m = None
@@ -569,6 +640,34 @@ def export_live(m: _Mapping) -> tuple[Any, np.ndarray]:
     if lay.key_type == "int64":
         return slots[live, 0][order].view(np.int64).copy(), vectors
     return m.view.export_str(rows), vectors
+
+
+def _apply_record(m: _Mapping, kind: int, count: int, payload: memoryview) -> bool:
+    """Re-apply one logged batch; False if it does not fit this version.
+
+    Every record of a version's log fits that version except, possibly, the last one: a
+    writer that found no room logs the batch, then grows the table into a new version with a
+    new log, and logs the batch again there. If it died before that, the batch was never
+    acknowledged and is dropped here.
+    """
+    view = m.view
+    vec_bytes = m.layout.vec_bytes
+    if kind in (PUT_INT, DELETE_INT):
+        keys = payload[: 8 * count]
+        if kind == DELETE_INT:
+            view.delete_int(keys)
+            return True
+        vectors = payload[8 * count :]
+        return len(vectors) == count * vec_bytes and view.put_int(keys, vectors)
+    hashes = payload[: 8 * count]
+    offsets = payload[8 * count : 8 * (2 * count + 1)]
+    blob_len = int(np.frombuffer(offsets, dtype=np.uint64)[-1])
+    blob = payload[8 * (2 * count + 1) : 8 * (2 * count + 1) + blob_len]
+    if kind == DELETE_STR:
+        view.delete_str(hashes, offsets, blob)
+        return True
+    vectors = payload[8 * (2 * count + 1) + blob_len :]
+    return len(vectors) == count * vec_bytes and view.put_str(hashes, offsets, blob, vectors)
 
 
 def recover_counters(m: _Mapping) -> None:
