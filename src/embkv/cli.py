@@ -166,6 +166,20 @@ def export(store: str, table: str, out: str) -> None:
 
 
 @main.command()
+@click.argument("store")
+@click.argument("table")
+@click.argument("dest")
+@click.option("--as", "dest_name", default=None, help="Name in DEST (default: TABLE).")
+def copy(store: str, table: str, dest: str, dest_name: str | None) -> None:
+    """Copy TABLE into the store DEST: snapshot /dev/shm to disk, or restore disk to /dev/shm.
+
+    Readers on both sides keep reading; readers of DEST switch to the copy on their next call.
+    """
+    t = embkv.open(store).copy_table(table, dest, dest_name)
+    click.echo(f"copied to {t.path}: {t!r}")
+
+
+@main.command()
 @click.argument("store", type=click.Path(exists=True))
 @click.argument("table", required=False)
 def check(store: str, table: str | None) -> None:

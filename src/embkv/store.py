@@ -28,7 +28,10 @@ from .table import (
     as_int_keys,
     as_str_keys,
     check_name,
+    copy_version,
     remove_stale_temps,
+    target_is_durable,
+    temp_path,
 )
 from .wal import SYNC_POLICIES, wal_path
 
@@ -136,7 +139,7 @@ class Store:
                 )
             return table
         # build under a temporary name and link it in: a concurrent creator loses cleanly
-        from .table import build_version, temp_path
+        from .table import build_version
 
         tmp = temp_path(path)
         try:
@@ -197,6 +200,40 @@ class Store:
         with existing._writing():
             existing._publish(layout, chunks, progress)
         return existing
+
+    def copy_table(self, name: str, dest: Store | str | os.PathLike[str], dest_name: str | None = None) -> Table:
+        """Copy a table into another store (or under another name): snapshot and restore.
+
+        ``/dev/shm`` to a disk path is a durable snapshot; the other way restores it. Readers
+        of either side keep reading throughout; writers to the source wait while its file is
+        copied (a sequential copy at memory or disk speed). The destination version is
+        published atomically like ``load_table``: its open readers switch on their next call.
+        """
+        self._require_writable()
+        target = dest if isinstance(dest, Store) else Store(dest, lock_timeout=self.lock_timeout, sync=self.sync,
+                                                             sync_interval=self.sync_interval)
+        target._require_writable()
+        dest_name = check_name(dest_name or name)
+        dest_path = target._table_path(dest_name)
+        source = self[name]
+        if os.path.realpath(dest_path) == os.path.realpath(source.path):
+            raise SchemaError("a table cannot be copied onto itself")
+        tmp = temp_path(dest_path)
+        try:
+            with source._writing() as m:
+                copy_version(m, tmp, durable=target_is_durable(dest_path))
+            if dest_name in target:
+                existing = target[dest_name]
+                with existing._writing():
+                    existing._install(tmp)
+                return existing
+            os.link(tmp, dest_path)
+        except FileExistsError:
+            raise TableExistsError(f"table {dest_name!r} appeared in {target.path} during the copy") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return target[dest_name]
 
     def drop_table(self, name: str) -> None:
         """Delete a table. Readers that still hold it get TableNotFoundError on their next call."""

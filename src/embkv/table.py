@@ -12,6 +12,7 @@ and its children never believe they both hold it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import mmap
@@ -484,11 +485,15 @@ class Table:
         tmp = temp_path(self.path)
         try:
             build_version(tmp, layout, chunks, progress)
-            os.rename(tmp, self.path)
+            self._install(tmp)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+    def _install(self, complete_file: str) -> None:
+        """Make a complete, synced table file the current version. Lock held."""
+        os.rename(complete_file, self.path)
         if self.durable:
             fsync_dir(os.path.dirname(self.path))
         old = self._m
@@ -690,6 +695,44 @@ def recover_counters(m: _Mapping) -> None:
     freelist[: len(free)] = free
     c[Counter.FREE] = len(free)
     c[Counter.DIRTY] = 0
+
+
+def target_is_durable(path: str) -> bool:
+    return not _is_memory_path(path)
+
+
+def copy_version(m: _Mapping, dest: str, durable: bool) -> None:
+    """Write a copy of mapped version ``m`` to the new file ``dest``, as a fresh version.
+
+    The copy gets its own creation stamp, so the destination never mistakes the source's
+    write-ahead log for its own, and clean counters (no writer inside a batch). Lock held.
+    """
+    lay = m.layout
+    fresh = dataclasses.replace(lay, created_ns=time.time_ns())
+    fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, lay.file_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        view = memoryview(m.mm)
+        try:
+            step = 64 << 20
+            for off in range(HEADER_SIZE, lay.file_size, step):
+                os.pwrite(fd, view[off : min(off + step, lay.file_size)], off)
+            header = bytearray(view[:HEADER_SIZE])
+        finally:
+            view.release()
+        header[:COUNTERS_OFFSET] = fresh.pack_header()[:COUNTERS_OFFSET]
+        counters = np.frombuffer(header, dtype=np.uint64, count=Counter.COUNT, offset=COUNTERS_OFFSET)
+        counters[Counter.DIRTY] = 0
+        counters[Counter.SUPERSEDED] = 0
+        os.pwrite(fd, bytes(header), 0)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def temp_path(path: str) -> str:
