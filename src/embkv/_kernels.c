@@ -788,6 +788,29 @@ static int room_for(View *v, uint64_t n, uint64_t heap_bytes)
     return 1;
 }
 
+/* the worst case (every key new) did not fit: count the keys that really are new, since
+ * rewriting existing keys needs only one spare row at a time (copy-on-write, then free) */
+static int room_for_exact(View *v, const int64_t *ikeys, packed_t *pk, uint64_t n)
+{
+    uint64_t fresh = 0, fresh_heap = 0, j;
+    int found, rc;
+    for (uint64_t i = 0; i < n; i++) {
+        if (ikeys)
+            rc = writer_probe(v, (uint64_t)ikeys[i], NULL, 0, mix64((uint64_t)ikeys[i]), &j, &found);
+        else
+            rc = writer_probe(v, pk->hashes[i], pk->blob + pk->offs[i], pk->offs[i + 1] - pk->offs[i], pk->hashes[i],
+                              &j, &found);
+        if (rc < 0)
+            return rc;
+        if (!found) {
+            fresh++;
+            if (pk)
+                fresh_heap += pk->offs[i + 1] - pk->offs[i];
+        }
+    }
+    return room_for(v, fresh + 1, fresh_heap);
+}
+
 /* put_int(keys, vectors) -> True, or False when the table must grow first (nothing written) */
 static PyObject *View_put_int(View *self, PyObject *args)
 {
@@ -804,6 +827,8 @@ static PyObject *View_put_int(View *self, PyObject *args)
         goto out;
     }
     rc = room_for(self, n, 0);
+    if (rc == 0)
+        rc = room_for_exact(self, (const int64_t *)kb.buf, NULL, n);
     if (rc <= 0) {
         if (rc < 0)
             raise_code(rc, 0);
@@ -853,6 +878,8 @@ static PyObject *View_put_str(View *self, PyObject *args)
         goto out;
     }
     rc = room_for(self, pk.n, pk.offs[pk.n]);
+    if (rc == 0)
+        rc = room_for_exact(self, NULL, &pk, pk.n);
     if (rc <= 0) {
         if (rc < 0)
             raise_code(rc, 0);

@@ -136,8 +136,19 @@ class NumpyView:
                     raise CorruptTableError("index points outside the row area: the table file is corrupt")
                 ok = exact(hit_idx, r)
                 rows[hit_idx[ok]] = r[ok]
-                cand[np.flatnonzero(cand)[~ok]] = False  # a collision: keep probing
+                # another key in the row: a collision if the slot still points there (keep
+                # probing), else the writer moved the slot meanwhile (read the same slot again)
+                failed = np.flatnonzero(cand)[~ok]
+                moved = self.slots[pos[pending[failed]], 1] != srow[failed]
+                cand[failed] = False
+                stay = np.zeros(len(pending), dtype=np.bool_)
+                stay[failed[moved]] = True
                 done = empty | cand
+                advance = ~done & ~stay
+                pending_next = pending[~done]
+                pos[pending[advance]] = (pos[pending[advance]] + np.uint64(1)) & self.mask
+                pending = pending_next
+                continue
             else:
                 done = empty
             pending = pending[~done]

@@ -93,7 +93,10 @@ class Store:
         )
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and os.path.exists(self._table_path(name))
+        try:
+            return isinstance(name, str) and os.path.exists(self._table_path(name))
+        except SchemaError:  # not a valid table name, so not a table here
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.list_tables())

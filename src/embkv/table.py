@@ -44,14 +44,14 @@ __all__ = ["Table"]
 TABLE_SUFFIX = ".ekv"
 LOCK_SUFFIX = ".ekv.lock"
 TMP_SUFFIX = ".tmp"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 _INT64_MAX = np.iinfo(np.int64).max
 LOAD_CHUNK = 65536
 Progress = Callable[[int], None]
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith((TMP_SUFFIX, ".lock")):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.endswith((TMP_SUFFIX, ".lock")):
         raise SchemaError(
             f"invalid table name {name!r}: use 1-128 letters, digits, '_', '-', '.', not starting with '.' or '-'"
         )
@@ -198,24 +198,28 @@ class Table:
     @property
     def capacity(self) -> int:
         """Rows the current version holds before it grows (growth is automatic)."""
-        return self._mapping().layout.row_capacity
+        return self._current().layout.row_capacity
 
     @property
     def generation(self) -> int:
         """Counter bumped by every write batch on the current version."""
-        return int(self._mapping().counters[Counter.GENERATION])
+        return int(self._current().counters[Counter.GENERATION])
 
     def _mapping(self) -> _Mapping:
         if self._m is None:
             raise TableClosedError(f"table {self.name!r} is closed")
         return self._m
 
-    def __len__(self) -> int:
+    def _current(self) -> _Mapping:
+        """The mapping of the newest published version (readers switch lazily)."""
         m = self._mapping()
         if m.counters[Counter.SUPERSEDED]:
             self._refresh()
             m = self._mapping()
-        return int(m.counters[Counter.LIVE])
+        return m
+
+    def __len__(self) -> int:
+        return int(self._current().counters[Counter.LIVE])
 
     def __repr__(self) -> str:
         state = "closed" if self._m is None else f"{len(self)} rows"
@@ -223,7 +227,7 @@ class Table:
 
     def info(self) -> dict[str, Any]:
         """Schema, counts and file layout of the current version, as a plain dict."""
-        m = self._mapping()
+        m = self._current()
         c = m.counters
         lay = m.layout
         return {
@@ -256,7 +260,8 @@ class Table:
         zeros if None). A reader never sees a torn vector: each row is the old or the new one.
         """
         k: Any
-        if self._int_keys:
+        int_keys = self._int_keys
+        if int_keys:
             k = keys if (type(keys) is np.ndarray and keys.dtype == np.int64 and keys.ndim == 1
                          and keys.flags.c_contiguous) else as_int_keys(keys)
             n = k.shape[0]
@@ -278,11 +283,13 @@ class Table:
             else:
                 try:
                     hits = view.get_strlist(k, out, found, dflt)
-                except TypeError as exc:
-                    raise KeyTypeError(str(exc)) from None
+                except (TypeError, UnicodeEncodeError) as exc:
+                    raise KeyTypeError(f"str table: {exc}") from None
             if hits >= 0:
                 return out, found
             self._refresh()
+            if (self.dim, self.dtype, self._int_keys) != (out.shape[1], out.dtype, int_keys):
+                return self.get(keys, default)  # the table was re-created with another schema
 
     def _default_bytes(self, default: Any) -> bytes:
         try:
@@ -293,8 +300,9 @@ class Table:
 
     def contains(self, keys: Any) -> np.ndarray:
         """Bool array: which of ``keys`` are present (no vectors copied)."""
+        int_keys = self._int_keys
         k = self._pack_keys(keys)
-        n = k.shape[0] if self._int_keys else len(k[0]) // 8
+        n = k.shape[0] if int_keys else len(k[0]) // 8
         found = np.empty(n, dtype=np.bool_)
         self._mapping()
         while True:
@@ -304,6 +312,8 @@ class Table:
             if hits >= 0:
                 return found
             self._refresh()
+            if self._int_keys != int_keys:
+                return self.contains(keys)
 
     def __contains__(self, key: object) -> bool:
         try:
@@ -423,9 +433,9 @@ class Table:
         """
         k = self._pack_keys(keys)
         n = k.shape[0] if self._int_keys else len(k[0]) // 8
-        vecs = self._as_vectors(vectors, n)
         if n == 0:
-            return
+            return  # an empty batch is a no-op whatever the vectors look like
+        vecs = self._as_vectors(vectors, n)
         kind, parts = (PUT_INT, [k, vecs]) if self._int_keys else (PUT_STR, [*k, vecs])
         with self._writing() as m:
             self._logged(m, kind, n, parts)
@@ -440,7 +450,10 @@ class Table:
                 self._checkpoint(m)
 
     def _as_vectors(self, vectors: Any, n: int) -> np.ndarray:
-        arr = np.asarray(vectors)
+        try:
+            arr = np.asarray(vectors)
+        except (ValueError, TypeError) as exc:
+            raise SchemaError(f"vectors must be a [{n}, {self.dim}] array: {exc}") from None
         if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
             raise SchemaError(f"vectors must be numeric, got dtype {arr.dtype}")
         if arr.ndim == 1 and n == 1:
@@ -527,7 +540,7 @@ class Table:
 
     def keys(self) -> Any:
         """A snapshot of the keys present: an int64 array, or a list of str (bytes if not UTF-8)."""
-        m = self._mapping()
+        m = self._current()
         slots = m.slots()
         live = (slots[:, 1] != SLOT_EMPTY) & (slots[:, 1] != SLOT_TOMB)
         if self._int_keys:
@@ -547,6 +560,7 @@ class Table:
                     self._checkpoint(m)
             self._wal.close()
             self._wal = None
+        self.__dict__.pop("_view", None)  # the kernel view pins the mapping
         if self._m is not None:
             self._m.close()
             self._m = None
@@ -610,8 +624,8 @@ def as_str_keys(keys: Any) -> tuple[bytes, bytes, bytes]:
     keys = str_keys_as_list(keys)
     try:
         packed: tuple[bytes, bytes, bytes] = pack_str(keys)
-    except TypeError as exc:
-        raise KeyTypeError(str(exc)) from None
+    except (TypeError, UnicodeEncodeError) as exc:
+        raise KeyTypeError(f"str table: {exc}") from None
     return packed
 
 

@@ -1,0 +1,262 @@
+"""Helpers shared by the tests, and the targets of the processes they start.
+
+This module must stay importable in a freshly spawned interpreter (no pytest import, no
+fixtures): multiprocessing's "spawn" context imports it by name in the child.
+
+Self-checking vectors: row ``v`` of key ``k`` written in version ``n`` holds
+``v[0] = k``, ``v[1] = n`` and ``v[j] = (k*7919 + n*104729 + j*31) mod 2**20`` for j >= 2.
+Every element is an integer below 2**24, so float32 stores it exactly, and a vector mixing
+two writes (two keys, or two versions of one key) fails :func:`check_vectors`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+import embkv
+
+DIM = 16
+_MOD = 1 << 20
+
+
+def encode(keys: Any, versions: Any, dim: int = DIM) -> np.ndarray:
+    k = np.asarray(keys, dtype=np.int64).reshape(-1)
+    n = np.broadcast_to(np.asarray(versions, dtype=np.int64), k.shape)
+    j = np.arange(dim, dtype=np.int64)
+    out = (k[:, None] * 7919 + n[:, None] * 104729 + j[None, :] * 31) % _MOD
+    out[:, 0] = k
+    out[:, 1] = n
+    return out.astype(np.float32)
+
+
+def check_vectors(keys: Any, vectors: np.ndarray) -> np.ndarray:
+    """Assert each vector is a whole write of its key; return the version of each."""
+    k = np.asarray(keys, dtype=np.int64).reshape(-1)
+    vectors = np.asarray(vectors)
+    assert vectors.shape == (len(k), vectors.shape[1])
+    versions = vectors[:, 1].astype(np.int64)
+    want = encode(k, versions, vectors.shape[1])
+    bad = np.flatnonzero((want != vectors).any(axis=1))
+    assert not len(bad), (
+        f"{len(bad)} inconsistent vectors, e.g. key {k[bad[0]]}: got {vectors[bad[0]].tolist()}, "
+        f"want {want[bad[0]].tolist()}"
+    )
+    return versions
+
+
+def store_files(path: str) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+def mapped_files(path: str) -> list[str]:
+    """Lines of /proc/self/maps that map a file under ``path`` (deleted or not)."""
+    prefix = os.path.abspath(path) + "/"
+    with open("/proc/self/maps") as f:
+        return [line.strip() for line in f if prefix in line]
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _report_errors(q: Any, fn: Any, *args: Any) -> None:
+    try:
+        q.put(("ok", fn(*args)))
+    except BaseException:
+        q.put(("error", traceback.format_exc()))
+
+
+# ------------------------------------------------------------------ process targets
+
+
+def reader_loop(path: str, name: str, base_keys: int, key_space: int, seed: int, expect_backend: str,
+                ready: Any, go: Any, stop: Any, q: Any) -> None:
+    """Read random batches until ``stop``; every found vector must be one whole write, and a
+    key's version never goes backwards. Base keys are never deleted, so they should always be
+    found: lookups that miss one are counted and reported (``misses``).
+    Finally read every key once more and report the versions (-1: missing)."""
+
+    def run() -> dict[str, Any]:
+        assert expect_backend == embkv.KERNEL_BACKEND, embkv.KERNEL_BACKEND
+        table = embkv.open(path, readonly=True)[name]
+        rng = np.random.default_rng(seed)
+        last = np.full(key_space, -1, dtype=np.int64)
+        reads = misses = 0
+        max_version = -1
+        ready.set()
+        go.wait()
+        while not stop.is_set():
+            keys = rng.choice(key_space, size=256, replace=False).astype(np.int64)
+            vectors, found = table.get(keys)
+            base = keys < base_keys
+            misses += int((base & ~found).sum())
+            versions = check_vectors(keys[found], vectors[found])
+            prev = last[keys[found]]
+            assert (versions >= prev).all(), "a key's version went backwards"
+            last[keys[found]] = versions
+            max_version = max(max_version, int(versions.max(initial=-1)))
+            if reads % 16 == 0:
+                present = table.contains(keys)
+                misses += int((base & ~present).sum())
+                assert len(table) >= base_keys
+            reads += 1
+        # the writer is done: this read must see the final state
+        all_keys = np.arange(key_space, dtype=np.int64)
+        vectors, found = table.get(all_keys)
+        final = np.full(key_space, -1, dtype=np.int64)
+        final[found] = check_vectors(all_keys[found], vectors[found])
+        return {"reads": reads, "misses": misses, "max_version": max_version, "final": final,
+                "len": len(table)}
+
+    _report_errors(q, run)
+
+
+def put_loop_until_killed(path: str, name: str, batch: int, conn: Any) -> None:
+    """Put batches forever: round i writes keys [i*batch, (i+1)*batch) plus rewrites the keys
+    of round i-1, all at version i; sends i after put(i) returned (an acknowledged put).
+    The next round's data is ready before the ack goes out, so the process is inside put()
+    right after the ack: a kill that follows an ack lands in the middle of a batch."""
+    table = embkv.open(path, lock_timeout=5)[name]
+
+    def round_data(i: int) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.arange(max(0, i - 1) * batch, (i + 1) * batch, dtype=np.int64)
+        return keys, encode(keys, i)
+
+    i = 0
+    keys, vectors = round_data(0)
+    while True:
+        table.put(keys, vectors)
+        keys, vectors = round_data(i + 1)
+        conn.send(i)
+        i += 1
+
+
+def put_big_batches(path: str, name: str, batch: int, dim: int, conn: Any) -> None:
+    """Round i puts keys [i*batch, (i+1)*batch) at version i, acknowledging each round."""
+    table = embkv.open(path, lock_timeout=5)[name]
+    i = 0
+    keys = np.arange(batch, dtype=np.int64)
+    vectors = encode(keys, 0, dim)
+    while True:
+        table.put(keys, vectors)
+        keys = keys + batch
+        vectors = encode(keys, i + 1, dim)
+        conn.send(i)
+        i += 1
+
+
+def hold_lock(path: str, name: str, held: Any, release: Any, q: Any) -> None:
+    """Hold the table's writer lock until ``release`` is set."""
+
+    def run() -> int:
+        table = embkv.open(path)[name]
+        with table._writing():
+            held.set()
+            assert release.wait(60), "never released"
+        return os.getpid()
+
+    _report_errors(q, run)
+
+
+def hold_lock_then_die(path: str, name: str, keys: Any, held: Any) -> None:
+    """Enter a write batch, write some rows through the kernel, then block until killed."""
+    table = embkv.open(path)[name]
+    with table._writing() as m:
+        m.view.put_int(np.ascontiguousarray(keys, dtype=np.int64), encode(keys, 77))
+        held.set()
+        time.sleep(600)
+
+
+def timed_put(path: str, name: str, keys: Any, version: int, lock_timeout: float, started: Any,
+              q: Any) -> None:
+    def run() -> float:
+        table = embkv.open(path, lock_timeout=lock_timeout)[name]
+        started.set()
+        t0 = time.monotonic()
+        table.put(keys, encode(keys, version))
+        return time.monotonic() - t0
+
+    _report_errors(q, run)
+
+
+def writer_rounds(path: str, name: str, writer_id: int, own_keys: Any, shared_keys: Any, rounds: int,
+                  barrier: Any, q: Any) -> None:
+    """Write own keys (disjoint from the other writer's) and shared keys in many small batches."""
+
+    def run() -> int:
+        table = embkv.open(path, lock_timeout=60)[name]
+        own = np.asarray(own_keys, dtype=np.int64)
+        shared = np.asarray(shared_keys, dtype=np.int64)
+        chunks = np.array_split(own, rounds)
+        barrier.wait(60)
+        for r, chunk in enumerate(chunks):
+            table.put(chunk, encode(chunk, writer_id * 10_000 + r))
+            table.put(shared, encode(shared, writer_id * 10_000 + r))
+        return rounds
+
+    _report_errors(q, run)
+
+
+def version_reader(path: str, name: str, conn: Any) -> None:
+    """Answer "read" commands with what the reader sees now, "maps" with its mappings of the store."""
+    try:
+        table = embkv.open(path, readonly=True)[name]
+        conn.send(("ready", os.getpid()))
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "stop":
+                break
+            if cmd == "read":
+                keys = np.asarray(arg, dtype=np.int64)
+                vectors, found = table.get(keys)
+                versions = np.full(len(keys), -1, dtype=np.int64)
+                versions[found] = check_vectors(keys[found], vectors[found])
+                conn.send(("read", versions, len(table)))
+            elif cmd == "maps":
+                conn.send(("maps", mapped_files(path)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+def read_forever(path: str, name: str, conn: Any) -> None:
+    table = embkv.open(path, readonly=True)[name]
+    keys = np.arange(100, dtype=np.int64)
+    table.get(keys)
+    conn.send("reading")
+    while True:
+        table.get(keys)
+
+
+def load_and_block(path: str, name: str, n: int, conn: Any) -> None:
+    """Start a load_table whose progress callback blocks: dies holding the lock and a temp file."""
+    store = embkv.open(path)
+    keys = np.arange(n, dtype=np.int64)
+
+    def progress(rows: int) -> None:
+        conn.send(("building", os.getpid()))
+        signal.pause()
+
+    store.load_table(name, keys, encode(keys, 5), progress=progress)
+
+
+def create_race(path: str, name: str, dim: int, barrier: Any, q: Any) -> None:
+    def run() -> str:
+        store = embkv.open(path)
+        barrier.wait(60)
+        try:
+            store.create_table(name, dim)
+        except embkv.TableExistsError:
+            return "exists"
+        return "created"
+
+    _report_errors(q, run)

@@ -1,0 +1,605 @@
+"""Table behaviour in one process: put/get/delete/contains, dtypes, key types, growth, export.
+
+This file also runs under the numpy fallback kernel (see test_backends.py), so it keeps its
+sizes small enough for the fallback's per-key Python write loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+import embkv
+from helpers import check_vectors, encode, mapped_files
+
+INT64_MIN = np.iinfo(np.int64).min
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def as_dict(keys, vectors) -> dict:
+    return {k: v.tobytes() for k, v in zip(list(keys), vectors, strict=True)}
+
+
+def check_accounting(t: embkv.Table) -> None:
+    """Row bookkeeping adds up: every used row is live or on the free stack."""
+    info = t.info()
+    assert info["rows"] == len(t) == len(t.keys())
+    assert info["rows_used"] - info["free_rows"] == info["rows"], info
+    assert info["rows_used"] <= info["capacity"]
+
+
+# ------------------------------------------------------------------ basics
+
+
+def test_backend_is_the_one_asked_for():
+    want = "numpy" if os.environ.get("EMBKV_KERNEL", "").lower() == "numpy" else "c"
+    assert want == embkv.KERNEL_BACKEND
+
+
+def test_put_get_roundtrip(store):
+    t = store.create_table("t", dim=16)
+    keys = np.array([5, 1, 99, 42], dtype=np.int64)
+    t.put(keys, encode(keys, 3))
+    vectors, found = t.get([1, 2, 42, 5, 99, 100])
+    assert found.tolist() == [True, False, True, True, True, False]
+    assert vectors.dtype == np.float32 and vectors.shape == (6, 16)
+    assert check_vectors([1, 42, 5, 99], vectors[found]).tolist() == [3, 3, 3, 3]
+    assert not vectors[~found].any()
+    assert len(t) == 4
+    assert t.info()["kernel"] == embkv.KERNEL_BACKEND
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_dtypes_store_values_exactly(store, rng, dtype):
+    t = store.create_table("t", dim=7, dtype=dtype)
+    assert t.dtype == np.dtype(dtype)
+    vecs = rng.standard_normal((50, 7)).astype(dtype)
+    t.put(np.arange(50), vecs)
+    got, found = t.get(np.arange(50))
+    assert found.all()
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got.view(np.uint8), vecs.view(np.uint8))
+
+
+def test_float64_precision_kept(store):
+    t = store.create_table("t", dim=2, dtype="float64")
+    v = np.array([[1 + 2.0**-52, 1e300]])
+    t.put([1], v)
+    assert t.get([1])[0].tolist() == v.tolist()
+
+
+def test_values_are_cast_to_table_dtype(store):
+    t = store.create_table("t", dim=3, dtype="float16")
+    t.put([1, 2], np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int32))
+    t.put([3], np.array([[0.1, 0.2, 0.3]], dtype=np.float64))
+    got, _ = t.get([1, 2, 3])
+    assert got.dtype == np.float16
+    assert got[:2].tolist() == [[1, 2, 3], [4, 5, 6]]
+    np.testing.assert_array_equal(got[2], np.array([0.1, 0.2, 0.3], dtype=np.float16))
+
+
+def test_scalar_key_and_1d_vector(store):
+    t = store.create_table("t", dim=4)
+    t.put(7, [1, 2, 3, 4])
+    assert 7 in t
+    vectors, found = t.get(7)
+    assert found.tolist() == [True] and vectors.tolist() == [[1, 2, 3, 4]]
+
+
+def test_extreme_int_keys(store):
+    t = store.create_table("t", dim=16)
+    keys = np.array([0, -1, 1, INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1], dtype=np.int64)
+    t.put(keys, encode(np.arange(len(keys)), 0))
+    vectors, found = t.get(keys)
+    assert found.all()
+    assert vectors[:, 0].tolist() == list(range(len(keys)))
+    assert sorted(t.keys().tolist()) == sorted(keys.tolist())
+    # other integer dtypes and python ints address the same keys
+    assert t.contains(np.array([0, 1], dtype=np.uint8)).all()
+    assert t.contains([int(INT64_MAX), int(INT64_MIN)]).all()
+    assert not t.contains([2, -2, INT64_MAX - 2]).any()
+
+
+def test_get_default_fill(store):
+    t = store.create_table("t", dim=3)
+    t.put([1], [[1, 2, 3]])
+    vectors, found = t.get([0, 1, 2])
+    assert vectors.tolist() == [[0, 0, 0], [1, 2, 3], [0, 0, 0]] and found.tolist() == [False, True, False]
+    vectors, _ = t.get([0, 1], default=-1.5)
+    assert vectors.tolist() == [[-1.5, -1.5, -1.5], [1, 2, 3]]
+    vectors, _ = t.get([1, 5, 6], default=[7, 8, 9])
+    assert vectors.tolist() == [[1, 2, 3], [7, 8, 9], [7, 8, 9]]
+    nan = t.get([4], default=np.nan)[0]
+    assert np.isnan(nan).all()
+
+
+def test_get_returns_independent_arrays(store):
+    t = store.create_table("t", dim=2)
+    t.put([1], [[1, 2]])
+    first, _ = t.get([1])
+    first[:] = 100
+    second, _ = t.get([1])
+    assert second.tolist() == [[1, 2]]
+    t.put([1], [[3, 4]])
+    assert second.tolist() == [[1, 2]]  # not a view of the row
+    t.close()
+    assert second.tolist() == [[1, 2]]  # still valid after close
+
+
+def test_get_accepts_other_key_containers(store):
+    t = store.create_table("t", dim=2)
+    t.put(np.arange(10), np.ones((10, 2)))
+    for keys in ([1, 2], (1, 2), np.array([1, 2], dtype=np.int32), np.arange(10)[1:3], np.arange(20)[2:6:2]):
+        assert t.get(keys)[1].all()
+    strided = np.arange(20, dtype=np.int64)[::3]  # non-contiguous int64
+    assert t.get(strided)[1].tolist() == [k < 10 for k in strided]
+
+
+def test_delete_len_contains(store):
+    t = store.create_table("t", dim=2)
+    t.put(np.arange(10), np.ones((10, 2)))
+    assert t.delete([3, 3, 4, 100]) == 2
+    assert t.delete([3]) == 0
+    assert len(t) == 8
+    assert 3 not in t and 5 in t
+    assert t.contains([2, 3, 4, 5]).tolist() == [True, False, False, True]
+    vectors, found = t.get([3, 5])
+    assert found.tolist() == [False, True] and vectors[0].tolist() == [0, 0]
+    assert sorted(t.keys().tolist()) == [0, 1, 2, 5, 6, 7, 8, 9]
+    check_accounting(t)
+
+
+def test_contains_wrong_key_type_is_false(store):
+    ints = store.create_table("ints", dim=2)
+    ints.put([1], [[1, 1]])
+    strs = store.create_table("strs", dim=2, key_type="str")
+    strs.put(["1"], [[1, 1]])
+    assert 1 in ints and "1" not in ints and 1.5 not in ints and None not in ints
+    assert "1" in strs and b"1" in strs and 1 not in strs and None not in strs
+
+
+def test_duplicate_keys_last_wins_int(store):
+    t = store.create_table("t", dim=16)
+    keys = np.array([1, 2, 1, 3, 1, 2])
+    vecs = encode(keys, np.arange(len(keys)))
+    t.put(keys, vecs)
+    assert len(t) == 3
+    assert check_vectors([1, 2, 3], t.get([1, 2, 3])[0]).tolist() == [4, 5, 3]
+    check_accounting(t)
+
+
+def test_duplicate_keys_last_wins_str(store):
+    t = store.create_table("t", dim=1, key_type="str")
+    t.put(["a", "b", "a", b"a"], [[1], [2], [3], [4]])
+    assert len(t) == 2
+    assert t.get(["a", "b"])[0].ravel().tolist() == [4, 2]
+    check_accounting(t)
+
+
+def test_nan_inf_and_signed_zero_stored_as_given(store):
+    t = store.create_table("t", dim=6)
+    bits = np.array([0x7FC00000, 0x7FC00001, 0xFFC00123, 0x7F800000, 0xFF800000, 0x80000000], dtype=np.uint32)
+    v = bits.view(np.float32).reshape(1, 6)  # quiet NaNs with payloads, +inf, -inf, -0.0
+    t.put([1], v)
+    got, _ = t.get([1])
+    assert got.view(np.uint32).tolist() == [bits.tolist()]
+
+    t64 = store.create_table("t64", dim=3, dtype="float64")
+    t64.put([1], [[np.nan, np.inf, -0.0]])
+    got = t64.get([1])[0][0]
+    assert np.isnan(got[0]) and got[1] == np.inf and got[2] == 0 and np.signbit(got[2])
+
+
+def test_float16_overflow_becomes_inf(store):
+    t = store.create_table("t", dim=3, dtype="float16")
+    with np.errstate(over="ignore"):
+        t.put([1], np.array([[1e6, -1e6, np.nan]]))
+    got = t.get([1])[0][0]
+    assert got[0] == np.inf and got[1] == -np.inf and np.isnan(got[2])
+
+
+def test_empty_batches(store):
+    t = store.create_table("t", dim=3)
+    t.put([1], [[1, 2, 3]])
+    gen = t.generation
+    vectors, found = t.get([])
+    assert vectors.shape == (0, 3) and found.shape == (0,) and found.dtype == np.bool_
+    vectors, found = t.get(np.array([], dtype=np.int64))
+    assert vectors.shape == (0, 3)
+    t.put([], np.empty((0, 3)))
+    t.put(np.array([], dtype=np.int64), np.empty((0, 3), dtype=np.float32))
+    assert t.delete([]) == 0
+    assert t.contains([]).shape == (0,)
+    assert len(t) == 1 and t.generation == gen
+
+    s = store.create_table("s", dim=3, key_type="str")
+    vectors, found = s.get([])
+    assert vectors.shape == (0, 3) and found.shape == (0,)
+    s.put([], np.empty((0, 3)))
+    assert s.delete([]) == 0 and len(s) == 0
+
+
+# ------------------------------------------------------------------ string keys
+
+TRICKY_KEYS = [
+    "", "a", "a\x00", "a\x00\x00", "\x00", "\x00a", "ab", "abc", "abd", "abcd", "abc ", " abc",
+    "A", "ключ", "键", "🔑", "🔑🔑", "é", "e\u0301",  # NFC and NFD spell the same letter: different keys
+    "x" * 5000, "x" * 4999, "x" * 4999 + "y", "tab\tkey", "line\nkey",
+]
+BYTES_KEYS = [b"\xff", b"\xff\x00", b"\xfe\xff\x00\x01", b"\x80abc"]  # not UTF-8: come back as bytes
+
+
+def test_str_keys_are_exact(store):
+    t = store.create_table("t", dim=16, key_type="str")
+    keys = TRICKY_KEYS + BYTES_KEYS
+    assert len(set(keys)) == len(keys)
+    t.put(keys, encode(np.arange(len(keys)), 1))
+    assert len(t) == len(keys)
+    vectors, found = t.get(keys)
+    assert found.all()
+    assert check_vectors(np.arange(len(keys)), vectors).tolist() == [1] * len(keys)
+    # one key at a time, as bare str / bytes
+    for i, k in enumerate(keys):
+        v, f = t.get(k)
+        assert f.tolist() == [True] and v[0, 0] == i
+    # near misses are not found
+    misses = ["b", "a\x00\x00\x00", "\x00\x00", "ab\x00", "abc\x00", "x" * 4998, "x" * 5001, "🔑🔑🔑",
+              "ключи", b"\xff\x00\x00", b"\xfe", "Abc", "ABC"]
+    assert not t.contains(misses).any()
+    assert sorted(map(repr, t.keys())) == sorted(map(repr, keys))
+    check_accounting(t)
+
+
+def test_str_and_utf8_bytes_are_the_same_key(store):
+    t = store.create_table("t", dim=1, key_type="str")
+    t.put(["ключ"], [[1]])
+    assert t.get(["ключ".encode()])[1].all()
+    t.put([b"plain"], [[2]])
+    assert t.get("plain")[0].tolist() == [[2]]
+    assert sorted(t.keys()) == ["plain", "ключ"]  # UTF-8 keys come back as str
+    assert t.delete([b"\xd0\xba\xd0\xbb\xd1\x8e\xd1\x87"]) == 1
+
+
+def test_str_keys_sharing_prefixes_delete_exactly(store):
+    t = store.create_table("t", dim=1, key_type="str")
+    keys = ["k", "k\x00", "k\x00\x00", "kk", "kkk"]
+    t.put(keys, np.arange(5).reshape(5, 1))
+    assert t.delete(["k\x00"]) == 1
+    vectors, found = t.get(keys)
+    assert found.tolist() == [True, False, True, True, True]
+    assert vectors[found].ravel().tolist() == [0, 2, 3, 4]
+
+
+def test_str_keys_from_numpy_arrays(store):
+    t = store.create_table("t", dim=1, key_type="str")
+    t.put(np.array(["a", "bb", "ccc"]), [[1], [2], [3]])
+    assert t.get(np.array(["ccc", "a", "zz"]))[1].tolist() == [True, True, False]
+    assert t.get(np.array(["bb"], dtype=object))[0].tolist() == [[2]]
+
+
+# ------------------------------------------------------------------ growth and reuse
+
+
+def test_growth_past_capacity_keeps_every_row(store):
+    t = store.create_table("t", dim=16, capacity=16)
+    assert t.capacity == 16
+    keys = np.random.default_rng(7).permutation(20_000).astype(np.int64) * 3 - 30_000
+    bounds = [0, 1, 2, 17, 100, 1000, 5000, 12_000, 20_000]
+    for b, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        t.put(keys[lo:hi], encode(keys[lo:hi], b))
+        vectors, found = t.get(keys[:hi])
+        assert found.all(), f"lost rows after batch {b}"
+        check_vectors(keys[:hi], vectors)
+    assert len(t) == 20_000
+    assert t.capacity >= 20_000
+    versions = check_vectors(keys, t.get(keys)[0])
+    expect = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    assert versions.tolist() == expect.tolist()
+    assert sorted(t.keys().tolist()) == sorted(keys.tolist())
+    check_accounting(t)
+    # the grown table is what a fresh handle sees too
+    other = embkv.open(store.path, readonly=True)["t"]
+    assert len(other) == 20_000 and other.get(keys)[1].all()
+
+
+def test_str_table_growth_and_key_heap(store):
+    t = store.create_table("t", dim=16, key_type="str", capacity=16)
+    keys = [f"key-{i}-" + "é" * (i % 97) for i in range(3000)]
+    for lo in range(0, 3000, 700):
+        t.put(keys[lo : lo + 700], encode(np.arange(lo, min(lo + 700, 3000)), lo))
+    vectors, found = t.get(keys)
+    assert found.all()
+    assert check_vectors(np.arange(3000), vectors).tolist() == [lo for lo in range(0, 3000, 700)
+                                                                for _ in range(min(700, 3000 - lo))]
+    assert sorted(t.keys()) == sorted(keys)
+    check_accounting(t)
+
+
+def test_one_batch_larger_than_capacity(store):
+    t = store.create_table("t", dim=4, capacity=16)
+    t.put(np.arange(5000), np.ones((5000, 4)))
+    assert len(t) == 5000 and t.get(np.arange(5000))[1].all()
+
+
+def test_delete_then_reinsert_reuses_space(store):
+    t = store.create_table("t", dim=16, capacity=64)
+    keys = np.arange(40, dtype=np.int64)
+    t.put(keys, encode(keys, 0))
+    for cycle in range(1, 61):
+        gone = keys[cycle % 2 :: 2]
+        assert t.delete(gone) == len(gone)
+        assert not t.contains(gone).any()
+        t.put(gone, encode(gone, cycle))
+        # fresh keys that come and go leave tombstones behind
+        fresh = np.arange(1000 + cycle * 10, 1010 + cycle * 10)
+        t.put(fresh, encode(fresh, cycle))
+        assert t.delete(fresh) == 10
+    assert len(t) == 40
+    vectors, found = t.get(keys)
+    assert found.all()
+    assert check_vectors(keys, vectors).tolist() == [60 if k % 2 == 0 else 59 for k in keys]
+    assert t.capacity == 64, "tombstones and freed rows were not reused"
+    check_accounting(t)
+
+
+def test_str_delete_reinsert_cycles(store):
+    t = store.create_table("t", dim=1, key_type="str", capacity=16)
+    for cycle in range(200):
+        t.put([f"k{cycle % 5}", "stay"], [[cycle], [cycle]])
+        assert t.delete([f"k{cycle % 5}"]) == 1
+    assert len(t) == 1 and t.get("stay")[0].tolist() == [[199]]
+    assert t.capacity == 16
+    check_accounting(t)
+
+
+def test_updates_in_place_do_not_grow(store):
+    t = store.create_table("t", dim=16, capacity=128)
+    keys = np.arange(100)
+    t.put(keys, encode(keys, 0))
+    t.put(keys, encode(keys, 1))
+    # copy-on-write updates reserve a fresh row per key of the batch, so rewriting all 100
+    # rows may grow the table once; repeated rewrites must not keep growing it
+    settled = t.capacity
+    assert settled <= 256
+    for version in range(2, 50):
+        t.put(keys, encode(keys, version))
+    assert t.capacity == settled and len(t) == 100
+    assert (check_vectors(keys, t.get(keys)[0]) == 49).all()
+    check_accounting(t)
+
+
+# ------------------------------------------------------------------ export, load, persistence
+
+
+def test_export_and_keys_roundtrip_int(store, rng):
+    t = store.create_table("t", dim=16, dtype="float64")
+    keys = rng.choice(10**12, size=500, replace=False).astype(np.int64)
+    t.put(keys, encode(keys, 9))
+    t.delete(keys[:50])
+    ekeys, evecs = t.export()
+    assert ekeys.dtype == np.int64 and evecs.dtype == np.float64
+    assert sorted(ekeys.tolist()) == sorted(keys[50:].tolist()) == sorted(t.keys().tolist())
+    check_vectors(ekeys, evecs)
+    copy = store.load_table("copy", ekeys, evecs)
+    assert copy.dtype == np.float64 and len(copy) == 450
+    assert as_dict(*copy.export()) == as_dict(ekeys, evecs)
+    ro = embkv.open(store.path, readonly=True)["t"]
+    assert as_dict(*ro.export()) == as_dict(ekeys, evecs)
+
+
+def test_export_and_keys_roundtrip_str(store):
+    t = store.create_table("t", dim=16, key_type="str")
+    keys = TRICKY_KEYS + BYTES_KEYS
+    t.put(keys, encode(np.arange(len(keys)), 2))
+    ekeys, evecs = t.export()
+    assert sorted(map(repr, ekeys)) == sorted(map(repr, keys))
+    for k, v in zip(ekeys, evecs, strict=True):
+        assert v[0] == keys.index(k)
+    copy = store.load_table("copy", ekeys, evecs)
+    assert as_dict(*copy.export()) == as_dict(ekeys, evecs)
+    ro = embkv.open(store.path, readonly=True)["t"]
+    assert as_dict(*ro.export()) == as_dict(ekeys, evecs)
+
+
+def test_export_of_empty_table(store):
+    t = store.create_table("t", dim=3)
+    keys, vectors = t.export()
+    assert keys.shape == (0,) and vectors.shape == (0, 3)
+    s = store.create_table("s", dim=3, key_type="str")
+    keys, vectors = s.export()
+    assert list(keys) == [] and vectors.shape == (0, 3)
+
+
+def test_load_table_creates_replaces_and_last_duplicate_wins(store):
+    keys = np.array([1, 2, 3, 2])
+    t = store.load_table("t", keys, encode(keys, [0, 0, 0, 1]))
+    assert (t.dim, t.dtype, t.key_type, len(t)) == (16, np.float32, "int64", 3)
+    assert check_vectors([1, 2, 3], t.get([1, 2, 3])[0]).tolist() == [0, 1, 0]
+    same = store.load_table("t", [10, 11], encode([10, 11], 5))
+    assert same is t
+    assert len(t) == 2 and not t.contains([1, 2, 3]).any()
+    assert check_vectors([10, 11], t.get([10, 11])[0]).tolist() == [5, 5]
+    assert sorted(os.listdir(store.path)) == ["t.ekv", "t.ekv.lock"]
+
+
+def test_load_table_dtype_and_capacity(store):
+    t = store.load_table("h", np.arange(10), np.ones((10, 3)), dtype="float16", capacity=5000)
+    assert t.dtype == np.float16 and t.capacity >= 5000
+    assert store.load_table("f64", [1], np.ones((1, 2), dtype=np.float64)).dtype == np.float64
+    assert store.load_table("i", [1], np.ones((1, 2), dtype=np.int32)).dtype == np.float32
+    # an existing table keeps its dtype; new data is cast to it
+    again = store.load_table("h", [1], np.full((1, 3), 2.5, dtype=np.float64))
+    assert again.dtype == np.float16 and again.get([1])[0].tolist() == [[2.5, 2.5, 2.5]]
+
+
+def test_load_table_from_npy_files(store, store_path, rng):
+    os.makedirs(store_path, exist_ok=True)
+    keys = rng.choice(10**9, size=300, replace=False).astype(np.int64)
+    kpath = os.path.join(store_path, "keys.npy")
+    vpath = os.path.join(store_path, "vecs.npy")
+    np.save(kpath, keys)
+    np.save(vpath, encode(keys, 4))
+    t = store.load_table("t", kpath, vpath)
+    assert len(t) == 300
+    assert (check_vectors(keys, t.get(keys)[0]) == 4).all()
+
+
+def test_load_table_from_arrow_and_parquet(store, store_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    keys = np.arange(100, 140, dtype=np.int64)
+    vecs = encode(keys, 6)
+    fixed = pa.table({"id": keys, "emb": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 16)})
+    t = store.load_table("fixed", fixed, key_column="id", vector_column="emb")
+    assert len(t) == 40 and (check_vectors(keys, t.get(keys)[0]) == 6).all()
+
+    plain = pa.table({"key": [f"k{i}" for i in range(40)], "vector": [list(map(float, v)) for v in vecs]})
+    path = os.path.join(store_path, "data.parquet")
+    pq.write_table(plain, path)
+    s = store.load_table("strs", path)
+    assert s.key_type == "str" and len(s) == 40
+    vectors, found = s.get([f"k{i}" for i in range(40)])
+    assert found.all() and (check_vectors(keys, vectors) == 6).all()
+
+
+def test_data_persists_across_store_handles(store_path):
+    with embkv.open(store_path) as s:
+        t = s.create_table("t", dim=16, capacity=16)
+        t.put(np.arange(100), encode(np.arange(100), 1))
+        s.create_table("s", dim=2, key_type="str").put(["x"], [[1, 2]])
+    with embkv.open(store_path, readonly=True) as ro:
+        assert ro.list_tables() == ["s", "t"]
+        assert (check_vectors(np.arange(100), ro["t"].get(np.arange(100))[0]) == 1).all()
+        assert ro["s"].get("x")[0].tolist() == [[1, 2]]
+        assert ro["t"].readonly and ro.readonly
+
+
+def test_store_listing_and_drop(store):
+    a = store.create_table("a", dim=1)
+    store.create_table("b.v2", dim=1, key_type="str")
+    assert store.list_tables() == ["a", "b.v2"] == list(store)
+    assert "a" in store and "c" not in store and 5 not in store
+    assert store["a"] is a
+    reader = embkv.open(store.path, readonly=True)["a"]
+    store.drop_table("a")
+    assert store.list_tables() == ["b.v2"]
+    assert "a.ekv" not in os.listdir(store.path)
+    with pytest.raises(embkv.TableNotFoundError):
+        store["a"]
+    with pytest.raises(embkv.TableNotFoundError):
+        reader.get([1])
+    with pytest.raises(embkv.TableNotFoundError):
+        store.drop_table("a")
+    b = store.create_table("a", dim=1)  # the name can be reused
+    b.put([1], [[5]])
+    assert store["a"].get([1])[0].tolist() == [[5]]
+
+
+def test_create_table_exist_ok(store):
+    t = store.create_table("t", dim=4, dtype="float16", key_type="str")
+    t.put(["x"], [[1, 2, 3, 4]])
+    again = store.create_table("t", dim=4, dtype=np.float16, key_type="str", exist_ok=True)
+    assert again.get("x")[1].all()
+    assert embkv.open(store.path).create_table("t", 4, "float16", "str", exist_ok=True).get("x")[1].all()
+
+
+def test_info_reports_schema_and_counts(store):
+    t = store.create_table("t", dim=8, dtype="float64", key_type="str", capacity=100)
+    t.put(["a", "bb"], np.ones((2, 8)))
+    t.delete(["a"])
+    info = t.info()
+    assert info["name"] == "t" and info["path"] == os.path.join(store.path, "t.ekv")
+    assert (info["dim"], info["dtype"], info["key_type"]) == (8, "float64", "str")
+    assert info["rows"] == 1 and info["capacity"] == 100 and info["deleted_slots"] == 1
+    assert info["memory_only"] is True
+    assert info["key_heap_bytes"].startswith("3/")
+    assert info["file_bytes"] == os.path.getsize(t.path)
+    assert "'t'" in repr(t) and "1 rows" in repr(t) and store.path in repr(store)
+
+
+# ------------------------------------------------------------------ other handles, mappings
+
+
+def test_handles_follow_versions_published_elsewhere(store):
+    t = store.create_table("t", dim=16)
+    t.put([1, 2], encode([1, 2], 1))
+    ro = embkv.open(store.path, readonly=True)["t"]
+    other = embkv.open(store.path)
+    other.load_table("t", [5, 6, 7], encode([5, 6, 7], 2))
+    for handle in (t, ro):
+        vectors, found = handle.get([1, 5, 6, 7])
+        assert found.tolist() == [False, True, True, True]
+        assert (check_vectors([5, 6, 7], vectors[1:]) == 2).all()
+        assert len(handle) == 3
+    # writes through a stale handle land in the newest version
+    t.put([8], encode([8], 3))
+    assert other["t"].get([8])[1].all() and len(other["t"]) == 4
+
+
+def test_keys_follow_a_version_published_elsewhere(store):
+    t = store.create_table("t", dim=16)
+    t.put([1, 2], encode([1, 2], 1))
+    embkv.open(store.path).load_table("t", [5, 6, 7], encode([5, 6, 7], 2))
+    assert sorted(t.keys().tolist()) == [5, 6, 7]
+    assert t.info()["rows"] == 3
+
+
+def test_old_version_is_unmapped_after_switch(store):
+    t = store.create_table("t", dim=4)
+    t.put([1], np.ones((1, 4)))
+    ro = embkv.open(store.path, readonly=True)["t"]
+    assert ro.get([1])[1].all()
+    store.load_table("t", [2], np.ones((1, 4)))
+    assert ro.get([2])[1].all()  # switches
+    assert not [line for line in mapped_files(store.path) if "(deleted)" in line]
+
+
+def test_close_unmaps_the_file(store):
+    t = store.create_table("t", dim=4)
+    t.put([1], np.ones((1, 4)))
+    t.close()
+    assert mapped_files(store.path) == []
+
+
+# ------------------------------------------------------------------ against a model
+
+
+@pytest.mark.parametrize("key_type", ["int64", "str"])
+def test_random_operations_match_a_dict(store, key_type):
+    """Seeded random batches of put/delete/get/load on a small table, checked against a dict."""
+    rng = np.random.default_rng(2024)
+    t = store.create_table("t", dim=3, key_type=key_type, capacity=16)
+    model: dict = {}
+
+    def make_keys(n: int) -> list:
+        ids = rng.integers(0, 300, size=n).tolist()
+        return ids if key_type == "int64" else [f"k{i}" + "\x00" * (i % 3) for i in ids]
+
+    for step in range(300):
+        op = rng.choice(["put", "put", "delete", "get", "load"], p=[0.4, 0.2, 0.2, 0.18, 0.02])
+        keys = make_keys(int(rng.integers(0, 40)))
+        if op == "put":
+            vecs = rng.integers(-1000, 1000, size=(len(keys), 3)).astype(np.float32)
+            t.put(keys, vecs)
+            for k, v in zip(keys, vecs, strict=True):
+                model[k] = v.tolist()
+        elif op == "delete":
+            assert t.delete(keys) == len(set(keys) & model.keys())
+            for k in keys:
+                model.pop(k, None)
+        elif op == "load":
+            vecs = rng.integers(-1000, 1000, size=(len(keys), 3)).astype(np.float32)
+            if keys:
+                store.load_table("t", keys, vecs)
+                model = {k: v.tolist() for k, v in zip(keys, vecs, strict=True)}
+        vectors, found = t.get(keys) if keys else (np.empty((0, 3)), np.empty(0, bool))
+        assert found.tolist() == [k in model for k in keys], f"step {step} ({op})"
+        assert [v for v, f in zip(vectors.tolist(), found, strict=True) if f] == [model[k] for k in keys
+                                                                                 if k in model]
+        assert len(t) == len(model)
+    exported_keys, exported = t.export()
+    assert {k: v.tolist() for k, v in zip(list(exported_keys), exported, strict=True)} == model
+    check_accounting(t)
