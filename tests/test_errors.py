@@ -317,7 +317,7 @@ def test_bad_load_changes_nothing(store, ints, case):
         with pytest.raises(exc):
             call(store, "fresh")
         assert store.list_tables() == ["ints"]
-    assert sorted(os.listdir(store.path)) == ["ints.ekv", "ints.ekv.lock"]
+    assert sorted(os.listdir(store.path)) == ["ints.ekv", "ints.ekv.lock", "ints.ekv.wal"]
 
 
 def test_bad_str_load_changes_nothing(store, strs):

@@ -422,7 +422,7 @@ def test_load_table_creates_replaces_and_last_duplicate_wins(store):
     assert same is t
     assert len(t) == 2 and not t.contains([1, 2, 3]).any()
     assert check_vectors([10, 11], t.get([10, 11])[0]).tolist() == [5, 5]
-    assert sorted(os.listdir(store.path)) == ["t.ekv", "t.ekv.lock"]
+    assert sorted(os.listdir(store.path)) == ["t.ekv", "t.ekv.lock", "t.ekv.wal"]
 
 
 def test_load_table_dtype_and_capacity(store):

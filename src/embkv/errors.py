@@ -16,6 +16,7 @@ __all__ = [
     "ReadOnlyError",
     "ReadRetryError",
     "SchemaError",
+    "StorageError",
     "StoreNotFoundError",
     "TableClosedError",
     "TableExistsError",
@@ -82,3 +83,11 @@ class ReadRetryError(EmbkvError, RuntimeError):
 
 class StoreNotFoundError(EmbkvError, FileNotFoundError):
     """A read-only open named a store folder that does not exist."""
+
+
+class StorageError(EmbkvError, OSError):
+    """The file system refused a write (disk full, quota, permission, read-only mount).
+
+    Raised before anything visible changed: the table keeps serving its previous version.
+    ``errno`` is the underlying error number.
+    """

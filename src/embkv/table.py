@@ -168,7 +168,8 @@ class Table:
         self.lock_timeout = lock_timeout
         self.sync = sync
         self.sync_interval = sync_interval
-        # a table on a disk path logs every write batch before applying it (see wal.py)
+        # every write batch is logged before it is applied, so a batch cut short by a crash is
+        # completed by the next writer (see wal.py); only a disk path syncs the log and file
         self.durable = not _is_memory_path(path)
         self._wal: WriteAheadLog | None = None
         self._wal_checked: tuple[int, int] | None = None  # (pid, created_ns) whose log header was checked
@@ -180,6 +181,19 @@ class Table:
         self._thread_lock_pid = os.getpid()
         self._m: _Mapping | None = None
         self._open_mapping()
+        if not readonly and self._mapping().counters[Counter.DIRTY]:
+            self._try_recover()
+
+    def _try_recover(self) -> None:
+        """Complete a dead writer's batch now, unless a live writer holds the lock (it will)."""
+        timeout, self.lock_timeout = self.lock_timeout, 0.0
+        try:
+            with self._writing():
+                pass
+        except WriterLockedError:
+            pass
+        finally:
+            self.lock_timeout = timeout
 
     # ---------------------------------------------------------------- schema
 
@@ -352,8 +366,7 @@ class Table:
         if not current or m.counters[Counter.SUPERSEDED]:
             self._refresh()
             m = self._mapping()
-        if self.durable:
-            self._recover_from_log(m)
+        self._recover_from_log(m)
         if m.counters[Counter.DIRTY]:
             recover_counters(m)
         m.counters[Counter.DIRTY] = os.getpid()
@@ -365,7 +378,8 @@ class Table:
 
     def _log(self) -> WriteAheadLog:
         if self._wal is None or self._wal.pid != os.getpid():
-            self._wal = WriteAheadLog(wal_path(self.path), self.sync, self.sync_interval)
+            self._wal = WriteAheadLog(wal_path(self.path), self.sync if self.durable else "never",
+                                      self.sync_interval, durable=self.durable)
             self._wal_checked = None
         return self._wal
 
@@ -396,12 +410,15 @@ class Table:
 
     def _checkpoint(self, m: _Mapping) -> None:
         """Flush the table file to disk and empty the log. Lock held."""
-        m.mm.flush()
+        if self.durable:
+            m.mm.flush()
         self._log().reset(m.layout.created_ns, int(m.counters[Counter.GENERATION]))
 
     def _logged(self, m: _Mapping, kind: int, count: int, parts: list[Any]) -> None:
-        if self.durable:
+        try:
             self._log().append(kind, count, int(m.counters[Counter.GENERATION]) + 1, parts)
+        except OSError as exc:
+            raise storage_error(exc, f"table {self.name!r}: could not log the write") from exc
 
     def _acquire_lock(self) -> int:
         pid = os.getpid()
@@ -446,7 +463,7 @@ class Table:
                 self._logged(m, kind, n, parts)
                 if not _put_packed(m.view, m.layout, k, vecs):
                     raise SchemaError("internal: table did not grow enough")
-            if self.durable and checkpoint_due(self._log()):
+            if checkpoint_due(self._log()):
                 self._checkpoint(m)
 
     def _as_vectors(self, vectors: Any, n: int) -> np.ndarray:
@@ -499,6 +516,10 @@ class Table:
         try:
             build_version(tmp, layout, chunks, progress)
             self._install(tmp)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise storage_error(exc, f"table {self.name!r}: could not write a new version") from exc
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -514,10 +535,9 @@ class Table:
             old.counters[Counter.DIRTY] = 0
             old.counters[Counter.SUPERSEDED] = 1
         self._open_mapping()
-        if self.durable:  # the new version holds every logged write: start its log empty
-            m = self._mapping()
-            self._log().reset(m.layout.created_ns, int(m.counters[Counter.GENERATION]))
-            self._wal_checked = (os.getpid(), m.layout.created_ns)
+        m = self._mapping()  # the new version holds every logged write: start its log empty
+        self._log().reset(m.layout.created_ns, int(m.counters[Counter.GENERATION]))
+        self._wal_checked = (os.getpid(), m.layout.created_ns)
 
     def export(self) -> tuple[Any, np.ndarray]:
         """All live ``(keys, vectors)``: int64 array or list of str/bytes keys (as stored), copied.
@@ -709,6 +729,16 @@ def recover_counters(m: _Mapping) -> None:
     freelist[: len(free)] = free
     c[Counter.FREE] = len(free)
     c[Counter.DIRTY] = 0
+
+
+def storage_error(exc: OSError, what: str) -> OSError:
+    """A typed error for the file system refusing a write; the previous version stays served."""
+    from .errors import StorageError
+
+    if isinstance(exc, StorageError):
+        return exc
+    return StorageError(exc.errno or 0, f"{what}: {exc.strerror or exc}; nothing was changed, "
+                        "the previous version is still served", getattr(exc, "filename", None))
 
 
 def target_is_durable(path: str) -> bool:

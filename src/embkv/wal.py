@@ -1,4 +1,4 @@
-"""Write-ahead log for tables on a disk path: what makes an acknowledged ``put`` durable.
+"""Write-ahead log: what makes a write batch all-or-nothing, and on a disk path durable.
 
 A table file is updated in place through mmap, and the page cache decides when those pages
 reach the disk. So, before a write batch touches the mapping, the batch is appended to
@@ -12,8 +12,10 @@ sync policy (like Redis's ``appendfsync``):
 - ``"never"``: the OS flushes when it likes.
 
 Whatever the policy, a process crash (SIGKILL) loses nothing acknowledged: the page cache
-survives the process. A checkpoint (on close, on publish, and when the log passes
-``CHECKPOINT_BYTES``) msyncs the table file and empties the log.
+survives the process. Tables in /dev/shm keep a log too (never synced): it lets the next
+writer complete a batch that a killed writer applied only in part. A checkpoint (on close,
+on publish, and when the log passes ``CHECKPOINT_BYTES``) msyncs the table file and empties
+the log.
 
 Recovery runs when a writer takes the lock: records newer than the table's generation
 counter are replayed in order (after a reboot, every record since the checkpoint, because
@@ -65,10 +67,11 @@ def boot_id() -> bytes:
 class WriteAheadLog:
     """The log file of one table version, opened by a writer."""
 
-    def __init__(self, path: str, policy: str, interval: float) -> None:
+    def __init__(self, path: str, policy: str, interval: float, durable: bool = True) -> None:
         if policy not in SYNC_POLICIES:
             raise ValueError(f"sync must be one of {SYNC_POLICIES}, got {policy!r}")
         self.path = path
+        self.durable = durable  # False in /dev/shm: nothing to sync to
         self.policy = policy
         self.interval = interval
         # O_APPEND: writers in several processes share the file, each through its own descriptor
@@ -95,7 +98,8 @@ class WriteAheadLog:
         """Empty the log for table version ``created_ns`` whose state is durable up to ``generation``."""
         os.ftruncate(self.fd, 0)
         os.write(self.fd, _FILE_HEADER.pack(_FILE_MAGIC, 1, 0, created_ns, boot_id(), generation))
-        os.fsync(self.fd)
+        if self.durable:
+            os.fsync(self.fd)
         self._unsynced = False
 
     def size(self) -> int:
