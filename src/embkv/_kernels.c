@@ -43,6 +43,7 @@
 #define C_DIRTY 7
 
 #define COUNTERS_OFFSET 128
+#define INLINE_KEY 24 /* string keys up to this many bytes are compared in the row, no heap read */
 #define SPIN_BUDGET 200000
 #define GIL_RELEASE_MIN 64
 #define PREFETCH_CHUNK 32
@@ -152,7 +153,7 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     int bad = 0;
     bad |= (key_type != KEY_INT && key_type != KEY_STR);
     bad |= (slot_count == 0 || (slot_count & (slot_count - 1)) != 0);
-    bad |= (row_header != (key_type == KEY_INT ? 16u : 32u));
+    bad |= (row_header != (key_type == KEY_INT ? 16u : 32u + INLINE_KEY));
     bad |= (vec_bytes == 0 || row_header + vec_bytes > row_stride || (row_stride % 8) != 0);
     bad |= (index_off % 8) || (rows_off % 8) || (free_off % 8);
     bad |= __builtin_mul_overflow(slot_count, (uint64_t)sizeof(slot_t), &idx_bytes);
@@ -266,6 +267,18 @@ static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *
     return R_MISS;
 }
 
+/* does the string row with these fields hold key kb[0:kl]? (inline bytes first, heap for the rest) */
+static inline int str_key_equal(View *v, const uint64_t *meta, uint64_t off, uint64_t len, const char *kb, uint64_t kl)
+{
+    if (len != kl)
+        return 0;
+    const char *inl = (const char *)&meta[4];
+    if (kl <= INLINE_KEY)
+        return memcmp(inl, kb, kl) == 0;
+    return memcmp(inl, kb, INLINE_KEY) == 0 && check_range(off, len, v->heap_capacity) &&
+           memcmp(v->heap + off + INLINE_KEY, kb + INLINE_KEY, kl - INLINE_KEY) == 0;
+}
+
 static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst, uint64_t *row_out)
 {
     uint64_t j = h & v->mask;
@@ -290,9 +303,7 @@ static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst,
             uint64_t rh = LOAD_RLX(&meta[1]);
             uint64_t off = LOAD_RLX(&meta[2]);
             uint64_t len = LOAD_RLX(&meta[3]);
-            int same = 0;
-            if (rh == h && len == kl && check_range(off, len, v->heap_capacity))
-                same = (memcmp(v->heap + off, kb, kl) == 0);
+            int same = rh == h && str_key_equal(v, meta, off, len, kb, kl);
             if (same && dst)
                 memcpy(dst, row_vec(v, r), v->vec_bytes);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -436,15 +447,14 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
                     __builtin_prefetch(row_meta(self, srow - 1));
                 }
             }
-            /* stage 3: a string key's bytes in the heap (prefetching vector lines too measured slower) */
+            /* stage 3: a long string key's bytes in the heap (prefetching vector lines too measured slower) */
             for (uint64_t c = 0; c < m && self->key_type == KEY_STR; c++) {
                 if (rows[c] == UINT64_MAX)
                     continue;
-                {
-                    uint64_t off = LOAD_RLX(&row_meta(self, rows[c])[2]);
-                    if (off < self->heap_capacity)
-                        __builtin_prefetch(self->heap + off);
-                }
+                uint64_t *meta = row_meta(self, rows[c]);
+                uint64_t off = LOAD_RLX(&meta[2]);
+                if (LOAD_RLX(&meta[3]) > INLINE_KEY && off < self->heap_capacity)
+                    __builtin_prefetch(self->heap + off + INLINE_KEY);
             }
         }
         for (uint64_t c = 0; c < m; c++) {
@@ -674,6 +684,8 @@ static PyObject *View_verify_rows(View *self, PyObject *args)
                     problem = "string key outside the key heap";
                 else if (XXH3_64bits(self->heap + m[2], m[3]) != m[1])
                     problem = "string key bytes do not match their hash";
+                else if (!str_key_equal(self, m, m[2], m[3], self->heap + m[2], m[3]))
+                    problem = "string key bytes in the row differ from the key heap";
             }
         }
         if (problem) {
@@ -714,7 +726,7 @@ static int writer_probe(View *v, uint64_t slotkey, const char *kb, uint64_t kl, 
             int same = 1;
             if (v->key_type == KEY_STR) {
                 uint64_t *m = row_meta(v, r);
-                same = m[3] == kl && check_range(m[2], m[3], v->heap_capacity) && memcmp(v->heap + m[2], kb, kl) == 0;
+                same = str_key_equal(v, m, m[2], m[3], kb, kl);
             }
             if (same) {
                 *slot_out = j;
@@ -746,7 +758,8 @@ static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const
         uint64_t meta[1] = {slotkey};
         write_row(v, r, meta, 1, vec);
     } else {
-        uint64_t meta[3] = {slotkey, 0, kl};
+        uint64_t meta[6] = {slotkey, 0, kl, 0, 0, 0};
+        memcpy(&meta[3], kb, kl < INLINE_KEY ? kl : INLINE_KEY);
         if (found) {
             meta[1] = row_meta(v, s->row - 1)[2]; /* same key bytes: share them */
         } else {
@@ -757,7 +770,7 @@ static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const
             STORE_REL(&v->ctr[C_HEAP_USED], used + kl);
             meta[1] = used;
         }
-        write_row(v, r, meta, 3, vec);
+        write_row(v, r, meta, 6, vec);
     }
     if (found) {
         uint64_t old = s->row - 1;

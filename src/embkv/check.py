@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from .errors import EmbkvError
 from .format import Counter
 from .kernels import SLOT_EMPTY, SLOT_TOMB
-from .table import TABLE_SUFFIX, Table, _Mapping
+from .table import TABLE_SUFFIX, Table, _Mapping, slot_rows
 
 __all__ = ["CheckReport", "check_table", "repair_table"]
 
@@ -78,9 +79,8 @@ def _check_mapping(m: _Mapping, report: CheckReport) -> None:
         problems.append(f"live-key counter says {int(c[Counter.LIVE])}, the index holds {n_live}")
     if n_tomb != int(c[Counter.TOMBS]):
         problems.append(f"tombstone counter says {int(c[Counter.TOMBS])}, the index holds {n_tomb}")
-    rows = (srow[live] - np.uint64(1)).astype(np.int64)
-    slot_idx = np.flatnonzero(live)
-    out_of_range = rows >= lay.row_capacity
+    slot_idx, rows, in_range = slot_rows(slots, lay.row_capacity)
+    out_of_range = ~in_range
     if out_of_range.any():
         problems.append(f"{int(out_of_range.sum())} index slot(s) point outside the row area, "
                         f"e.g. slot {int(slot_idx[out_of_range][0])}")
@@ -115,10 +115,11 @@ def _check_mapping(m: _Mapping, report: CheckReport) -> None:
 def _check_freelist(m: _Mapping, referenced: np.ndarray, problems: list[str]) -> None:
     lay = m.layout
     nfree = int(m.counters[Counter.FREE])
-    free = np.frombuffer(m.mm, dtype=np.uint64, count=lay.row_capacity, offset=lay.freelist_offset)[:nfree]
-    free = free.astype(np.int64)
-    if (free >= int(m.counters[Counter.ROWS_USED])).any() or (free < 0).any():
+    free_u = np.frombuffer(m.mm, dtype=np.uint64, count=lay.row_capacity, offset=lay.freelist_offset)[:nfree]
+    above = free_u >= np.uint64(int(m.counters[Counter.ROWS_USED]))
+    if above.any():
         problems.append("free-row stack holds rows above the rows-used mark")
+    free = free_u[~above].astype(np.int64)
     if len(np.unique(free)) != len(free):
         problems.append("free-row stack lists a row twice")
     both = np.intersect1d(free, referenced)
@@ -161,11 +162,8 @@ def repair_table(table: Table) -> dict[str, Any]:
     with table._writing() as m:
         lay = m.layout
         slots = m.slots()
-        srow = slots[:, 1]
-        live = (srow != SLOT_EMPTY) & (srow != SLOT_TOMB)
-        rows = (srow[live] - np.uint64(1)).astype(np.int64)
-        slotkeys = slots[live, 0]
-        in_range = rows < lay.row_capacity
+        live_slots, rows, in_range = slot_rows(slots, lay.row_capacity)
+        slotkeys = slots[live_slots, 0]
         rows, slotkeys = rows[in_range], slotkeys[in_range]
         meta = m.rows()[rows, : lay.row_header].view(np.uint64)
         keep = meta[:, 1] == slotkeys if len(rows) else np.zeros(0, dtype=bool)
@@ -181,10 +179,10 @@ def repair_table(table: Table) -> dict[str, Any]:
             keys = meta[keep][np.sort(first), 1].view(np.int64).copy()
         else:
             keys = m.view.export_str(np.ascontiguousarray(rows))
-        dropped = int(live.sum()) - len(rows)
+        dropped = len(live_slots) - len(rows)
         from .format import Layout
 
         new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, max(lay.row_capacity, len(rows)),
-                                 lay.heap_capacity)
+                                 lay.heap_capacity, time.time_ns())
         table._publish(new_layout, iter([(keys, vectors)]) if len(rows) else iter(()))
     return {"kept": len(rows), "dropped": dropped}

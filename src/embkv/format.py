@@ -9,7 +9,8 @@ One table version is one file. All integers are little-endian; every section sta
                        row 0 = empty, 2**64-1 = tombstone, otherwise row index + 1
     [rows_offset)      row area: row_capacity x row_stride bytes; each row is
                        int keys: seq u64 | key i64 | vector
-                       str keys: seq u64 | xxh3 u64 | key offset u64 | key length u64 | vector
+                       str keys: seq u64 | xxh3 u64 | key offset u64 | key length u64 |
+                                 first 24 key bytes (zero padded) | vector
     [freelist_offset)  row_capacity x u64: stack of rows free for reuse
     [heap_offset)      str keys only: key bytes, append-only
 
@@ -52,6 +53,7 @@ COUNTERS_OFFSET: Final = 128
 MAX_LOAD: Final = 0.75  # index slots in use (live + tombstones) before a rebuild
 TARGET_LOAD: Final = 0.6  # index load at full capacity right after a build: short probe chains
 MAX_DIM: Final = 1 << 16
+INLINE_KEY: Final = 24  # string keys up to this length are also kept in their row (no heap read)
 MAX_CAPACITY: Final = 1 << 40
 
 # dtype name -> code stored in the file; codes never change once released
@@ -129,7 +131,7 @@ class Layout:
         if capacity > MAX_CAPACITY:
             raise SchemaError(f"capacity {capacity} exceeds the maximum {MAX_CAPACITY}")
         dim = int(dim)
-        row_header = 16 if key_type == "int64" else 32
+        row_header = 16 if key_type == "int64" else 32 + INLINE_KEY
         vec_bytes = dim * np.dtype(dtype).itemsize
         row_stride = row_header + (vec_bytes + 7) // 8 * 8
         slot_count = _next_pow2(int(capacity / TARGET_LOAD) + 1)

@@ -18,7 +18,7 @@ import numpy as np
 import xxhash
 
 from .errors import CorruptTableError, ReadRetryError
-from .format import COUNTERS_OFFSET, Counter, Layout
+from .format import COUNTERS_OFFSET, INLINE_KEY, Counter, Layout
 
 __all__ = ["BACKEND", "KernelView", "make_view", "mix64", "pack_str"]
 
@@ -296,6 +296,8 @@ class NumpyView:
                     bad.append((r, "string key outside the key heap"))
                 elif xxhash.xxh3_64_intdigest(key) != int(self.meta[r, 1]):
                     bad.append((r, "string key bytes do not match their hash"))
+                elif self.meta[r, 4:7].tobytes()[: len(key)] != key[:INLINE_KEY]:
+                    bad.append((r, "string key bytes in the row differ from the key heap"))
         return bad
 
     def _put_one(self, slotkey: int, start: int, key_bytes: bytes | None, vec: np.ndarray) -> None:
@@ -310,7 +312,8 @@ class NumpyView:
                 off = int(self.ctr[Counter.HEAP_USED])
                 self.heap[off : off + len(key_bytes)] = np.frombuffer(key_bytes, dtype=np.uint8)
                 self.ctr[Counter.HEAP_USED] += np.uint64(len(key_bytes))
-            self._write_row(r, [slotkey, off, len(key_bytes)], vec)
+            inline = np.frombuffer(key_bytes[:INLINE_KEY].ljust(INLINE_KEY, b"\0"), dtype=np.uint64).tolist()
+            self._write_row(r, [slotkey, off, len(key_bytes), *inline], vec)
         if found:
             old = int(self.slots[j, 1]) - 1
             self.slots[j, 1] = r + 1

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import (
+    CorruptTableError,
     EmbkvError,
     KeyTypeError,
     ReadOnlyError,
@@ -400,11 +401,14 @@ class Table:
             return
         applied = int(m.counters[Counter.GENERATION])
         last = applied
-        recover_counters(m)  # a sane free-row stack first: replay allocates rows
+        # `dirty` stays set until the replay is complete: if this process dies in the middle,
+        # the next writer replays again (records are idempotent upserts and deletes)
+        m.counters[Counter.DIRTY] = os.getpid()
+        recover_counters(m, keep_dirty=True)  # a sane free-row stack first: replay allocates rows
         for kind, count, gen, payload in list(wal.records()):
             if (replay_all or gen > applied) and _apply_record(m, kind, count, payload):
                 last = max(last, gen)
-        recover_counters(m)
+        recover_counters(m, keep_dirty=True)
         m.counters[Counter.GENERATION] = last
         self._checkpoint(m)
 
@@ -535,6 +539,9 @@ class Table:
             old.counters[Counter.DIRTY] = 0
             old.counters[Counter.SUPERSEDED] = 1
         self._open_mapping()
+        # we are still inside a write (a put that grew the table applies its batch next):
+        # mark the new version so a crash from here on is recovered from its log
+        self._mapping().counters[Counter.DIRTY] = os.getpid()
         m = self._mapping()  # the new version holds every logged write: start its log empty
         self._log().reset(m.layout.created_ns, int(m.counters[Counter.GENERATION]))
         self._wal_checked = (os.getpid(), m.layout.created_ns)
@@ -562,12 +569,10 @@ class Table:
         """A snapshot of the keys present: an int64 array, or a list of str (bytes if not UTF-8)."""
         m = self._current()
         slots = m.slots()
-        live = (slots[:, 1] != SLOT_EMPTY) & (slots[:, 1] != SLOT_TOMB)
+        live, rows, in_range = slot_rows(slots, m.layout.row_capacity)
         if self._int_keys:
             return slots[live, 0].view(np.int64).copy()
-        rows = (slots[live, 1] - np.uint64(1)).astype(np.int64)
-        rows = rows[rows < m.layout.row_capacity]
-        return unpack_str(m.view.export_str(rows))
+        return unpack_str(m.view.export_str(rows[in_range]))
 
     def close(self) -> None:
         """Checkpoint a durable table's log, release the mapping and lock file.
@@ -663,21 +668,31 @@ def unpack_str(packed: tuple[bytes, bytes, bytes]) -> list[str | bytes]:
     return out
 
 
+def slot_rows(slots: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Live index slots: (slot numbers, row numbers as int64, row-in-range mask).
+
+    The range test is done on the unsigned field: a damaged slot near 2**64 must not turn
+    into a negative int64 that numpy would happily index from the end.
+    """
+    srow = slots[:, 1]
+    live = np.flatnonzero((srow != SLOT_EMPTY) & (srow != SLOT_TOMB))
+    rows_u = srow[live] - np.uint64(1)
+    in_range = rows_u < np.uint64(capacity)
+    return live, np.where(in_range, rows_u, np.uint64(0)).astype(np.int64), in_range
+
+
 def export_live(m: _Mapping) -> tuple[Any, np.ndarray]:
     """Keys (packed for str tables) and vectors of every live row. Writer lock held."""
     lay = m.layout
     slots = m.slots()
-    live = (slots[:, 1] != SLOT_EMPTY) & (slots[:, 1] != SLOT_TOMB)
-    rows = (slots[live, 1] - np.uint64(1)).astype(np.int64)
-    if len(rows) and rows.max() >= lay.row_capacity:
-        from .errors import CorruptTableError
-
-        raise CorruptTableError(f"{m.layout}: index points outside the row area")
+    live, rows, in_range = slot_rows(slots, lay.row_capacity)
+    if not in_range.all():
+        raise CorruptTableError(f"{m.path}: index points outside the row area; run `embkv check`")
     order = np.argsort(rows, kind="stable")  # sequential reads of the row area
     rows = rows[order]
     vectors = m.rows()[rows, lay.row_header : lay.row_header + lay.vec_bytes].copy().view(lay.np_dtype)
     if lay.key_type == "int64":
-        return slots[live, 0][order].view(np.int64).copy(), vectors
+        return slots[live[order], 0].view(np.int64).copy(), vectors
     return m.view.export_str(rows), vectors
 
 
@@ -709,7 +724,7 @@ def _apply_record(m: _Mapping, kind: int, count: int, payload: memoryview) -> bo
     return len(vectors) == count * vec_bytes and view.put_str(hashes, offsets, blob, vectors)
 
 
-def recover_counters(m: _Mapping) -> None:
+def recover_counters(m: _Mapping, keep_dirty: bool = False) -> None:
     """Recount after a writer died inside a batch: live keys, tombstones and the free-row stack.
 
     Rows that the dead writer had taken but not yet published are found as unreferenced
@@ -723,12 +738,14 @@ def recover_counters(m: _Mapping) -> None:
     c[Counter.LIVE] = int(live.sum())
     c[Counter.TOMBS] = int((srow == SLOT_TOMB).sum())
     used = min(int(c[Counter.ROWS_USED]), lay.row_capacity)
-    referenced = (srow[live] - np.uint64(1)).astype(np.int64)
+    _, referenced, in_range = slot_rows(slots, lay.row_capacity)
+    referenced = referenced[in_range]
     free = np.setdiff1d(np.arange(used, dtype=np.int64), referenced)
     freelist = np.frombuffer(m.mm, dtype=np.uint64, count=lay.row_capacity, offset=lay.freelist_offset)
     freelist[: len(free)] = free
     c[Counter.FREE] = len(free)
-    c[Counter.DIRTY] = 0
+    if not keep_dirty:
+        c[Counter.DIRTY] = 0
 
 
 def storage_error(exc: OSError, what: str) -> OSError:
