@@ -1,17 +1,27 @@
-"""Shared fixtures: stores in /dev/shm, cleaned after every test and checked at session end.
+"""Shared fixtures: stores in /dev/shm (and on disk), cleaned after every test and checked.
 
-Every store folder of one pytest session is named ``/dev/shm/embkv-test-<session>-<uuid>``.
+Every store folder of one pytest session is named ``<dir>/embkv-test-<session>-<uuid>``, with
+``<dir>`` /dev/shm (``store_path``) or ``tempfile.gettempdir()`` (``disk_store_path``).
 The session id comes from ``EMBKV_TEST_SESSION`` when a parent test runs this suite in a
-subprocess (so the parent can check the child's folders too), else it is fresh. The session
-check only looks at this session's folders: other people may run the suite on the same host
-at the same time, and their folders are not ours to judge.
+subprocess (so the parent can check the child's folders too), else it is fresh. The checks
+only look at this session's folders: other people may run the suite (or benchmarks, which
+name their folders ``embkv-bench-*``, ``embkv-svc-*``) on the same host at the same time, and
+their folders are not ours to judge.
+
+After every test (``_resource_hygiene``): no store folder of this session is left behind, no
+temp file of ours (``.<name>.ekv.<pid>.<rand>.tmp``) is left in a test's store folder, in
+/dev/shm or in the temp folder, and no child process is still running. A test that makes temp
+files on purpose (to see them removed) says so with ``@pytest.mark.makes_temp_files``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import multiprocessing
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -22,12 +32,84 @@ import pytest
 import embkv
 
 SHM = "/dev/shm"
+TMP = tempfile.gettempdir()
 SESSION = os.environ.get("EMBKV_TEST_SESSION") or uuid.uuid4().hex[:12]
 PREFIX = f"embkv-test-{SESSION}-"
+TEMP_GLOB = ".*.ekv.*.tmp"  # a version being built (table.temp_path)
+# store folders that a module- or session-scoped fixture owns for longer than one test
+LONG_LIVED: set[str] = set()
 
 
 def session_leftovers(session: str = SESSION) -> list[str]:
-    return sorted(glob.glob(os.path.join(SHM, f"embkv-test-{session}-*")))
+    return sorted(p for folder in (SHM, TMP) for p in glob.glob(os.path.join(folder, f"embkv-test-{session}-*")))
+
+
+def new_store_path(folder: str = SHM) -> str:
+    """A fresh, not yet existing store folder of this session under ``folder``."""
+    path = os.path.join(folder, PREFIX + uuid.uuid4().hex)
+    assert not os.path.exists(path)
+    return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "makes_temp_files: the test leaves temp-named files on purpose")
+
+
+def _ours(folder: str) -> set[str]:
+    """Entries of ``folder`` that embkv or this session's tests made: our store folders, temp files."""
+    found = set(glob.glob(os.path.join(folder, PREFIX + "*")))
+    found.update(glob.glob(os.path.join(folder, TEMP_GLOB)))
+    return found
+
+
+def _running_children() -> list[psutil.Process]:
+    multiprocessing.active_children()  # reaps finished multiprocessing children
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE or "resource_tracker" in " ".join(_cmdline(p)):
+                continue
+        except psutil.Error:
+            continue
+        out.append(p)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _resource_hygiene() -> Iterator[None]:
+    """After the test (and its fixtures' teardown): nothing of ours left, no child running.
+
+    Autouse fixtures are set up first, so this one is torn down after the test's store fixtures
+    removed their folders. Only this session's names count (see the module docstring): a bare
+    ``embkv-*`` glob would blame us for the benchmark folders other people create meanwhile.
+    """
+    before = {folder: _ours(folder) for folder in (SHM, TMP)}
+    yield
+    problems = []
+    for folder in (SHM, TMP):
+        new = sorted(_ours(folder) - before[folder] - LONG_LIVED)
+        if new:
+            problems.append(f"left in {folder}: {new}")
+            for path in new:  # clean up, so one leak is not blamed on the tests after it
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+    children = _running_children()
+    if children:
+        problems.append(f"child processes still running: {children}")
+        for p in children:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert not problems, "; ".join(problems)
+
+
+def _remove_store(request: pytest.FixtureRequest, path: str) -> None:
+    """Remove a test's store folder; temp files of dead builders in it are a leak."""
+    temps = sorted(glob.glob(os.path.join(path, TEMP_GLOB)))
+    shutil.rmtree(path, ignore_errors=True)
+    if temps and not request.node.get_closest_marker("makes_temp_files"):
+        raise AssertionError(f"temp files left in the store folder: {temps}")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -52,14 +134,23 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 
 @pytest.fixture
-def store_path() -> Iterator[str]:
+def store_path(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, not yet existing folder under /dev/shm; removed (with its content) after the test."""
-    path = os.path.join(SHM, PREFIX + uuid.uuid4().hex)
-    assert not os.path.exists(path)
+    path = new_store_path(SHM)
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_store(request, path)
+
+
+@pytest.fixture
+def disk_store_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, not yet existing folder in the temp folder (a disk path: durable store, WAL synced)."""
+    path = new_store_path(TMP)
+    try:
+        yield path
+    finally:
+        _remove_store(request, path)
 
 
 @pytest.fixture

@@ -260,3 +260,53 @@ def create_race(path: str, name: str, dim: int, barrier: Any, q: Any) -> None:
         return "created"
 
     _report_errors(q, run)
+
+
+# ------------------------------------------------------------------ forked children (os.fork)
+
+
+def die_in_put_packed(after_calls: int) -> None:
+    """Call in a forked child: SIGKILL the process when embkv applies its ``after_calls``-th batch
+    (``embkv.table._put_packed``), after the batch was logged and before any of it is applied."""
+    import embkv.table
+
+    real = embkv.table._put_packed
+    calls = [0]
+
+    def dying(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] >= after_calls:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    embkv.table._put_packed = dying  # type: ignore[assignment]
+
+
+def fork_and_run(fn: Any) -> tuple[int, str]:
+    """Run ``fn()`` in a forked child; returns (wait status, text the child reported).
+
+    The child never returns into the caller (pytest): it reports ``repr(fn())`` or the
+    traceback over a pipe and leaves with os._exit (0 = ok, 1 = exception).
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(rfd)
+            text = repr(fn())
+            code = 0
+        except BaseException:
+            text = traceback.format_exc()
+        finally:
+            try:
+                os.write(wfd, text.encode()[-60000:])
+            finally:
+                os._exit(code)
+    os.close(wfd)
+    chunks = []
+    while chunk := os.read(rfd, 65536):
+        chunks.append(chunk)
+    os.close(rfd)
+    _, status = os.waitpid(pid, 0)
+    return status, b"".join(chunks).decode(errors="replace")

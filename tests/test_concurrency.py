@@ -336,6 +336,7 @@ def test_dead_builder_temp_file_is_removed(store):
     assert len(ro["t"]) == 11
 
 
+@pytest.mark.makes_temp_files
 def test_stale_temp_of_dead_pid_removed_on_writable_open(store):
     store.create_table("t", DIM).put([1], encode([1], 1))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -251,9 +251,10 @@ static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *
                         *row_out = r;
                     return R_HIT;
                 }
-                /* a stable row holding another key: skip the slot if it still points here,
-                 * otherwise the writer moved it and the slot is read again */
-                if (LOAD_ACQ(&s->row) == srow) {
+                /* a stable row holding another key: skip the slot if it still points here and the
+                 * row was not rewritten meanwhile (it may have left and come back: ABA), otherwise
+                 * the writer moved things and the slot is read again */
+                if (LOAD_ACQ(&s->row) == srow && LOAD_ACQ(&meta[0]) == s1) {
                     j = (j + 1) & v->mask;
                     step++;
                     continue;
@@ -314,7 +315,7 @@ static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst,
                     return R_HIT;
                 }
                 /* same hash, other key (a collision) or a reused row: see find_int */
-                if (LOAD_ACQ(&s->row) == srow) {
+                if (LOAD_ACQ(&s->row) == srow && LOAD_ACQ(&meta[0]) == s1) {
                     j = (j + 1) & v->mask;
                     step++;
                     continue;

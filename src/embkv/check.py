@@ -29,6 +29,7 @@ class CheckReport:
     path: str
     rows: int = 0
     problems: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # recoverable: the next writer fixes them
     damaged_rows: list[int] = dataclasses.field(default_factory=list)
     fatal: bool = False  # the file cannot be opened at all (header, size, magic)
 
@@ -37,10 +38,10 @@ class CheckReport:
         return not self.problems
 
     def __str__(self) -> str:
-        if self.ok:
-            return f"{self.path}: OK ({self.rows:,} rows)"
-        lines = [f"{self.path}: {len(self.problems)} problem(s)"]
+        lines = [f"{self.path}: OK ({self.rows:,} rows)" if self.ok
+                 else f"{self.path}: {len(self.problems)} problem(s)"]
         lines += [f"  - {p}" for p in self.problems]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -73,12 +74,18 @@ def _check_mapping(m: _Mapping, report: CheckReport) -> None:
     n_live = int(live.sum())
     n_tomb = int((srow == SLOT_TOMB).sum())
     report.rows = n_live
+    # a writer that died inside a batch leaves counters behind the index: the next writable
+    # open recounts them and completes the batch from the log, so that is a note, not damage
+    counters_lag = report.notes if c[Counter.DIRTY] else problems
     if c[Counter.DIRTY]:
-        problems.append(f"a writer (pid {int(c[Counter.DIRTY])}) died inside a batch; the next write recovers")
+        report.notes.append(f"a writer (pid {int(c[Counter.DIRTY])}) died inside a batch; "
+                            "the next writable open completes it from the log")
+    if c[Counter.SUPERSEDED]:
+        problems.append("the current version is flagged as superseded (readers would keep reopening it)")
     if n_live != int(c[Counter.LIVE]):
-        problems.append(f"live-key counter says {int(c[Counter.LIVE])}, the index holds {n_live}")
+        counters_lag.append(f"live-key counter says {int(c[Counter.LIVE])}, the index holds {n_live}")
     if n_tomb != int(c[Counter.TOMBS]):
-        problems.append(f"tombstone counter says {int(c[Counter.TOMBS])}, the index holds {n_tomb}")
+        counters_lag.append(f"tombstone counter says {int(c[Counter.TOMBS])}, the index holds {n_tomb}")
     slot_idx, rows, in_range = slot_rows(slots, lay.row_capacity)
     out_of_range = ~in_range
     if out_of_range.any():

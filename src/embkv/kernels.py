@@ -134,12 +134,14 @@ class NumpyView:
                 r = (srow[cand] - np.uint64(1)).astype(np.int64)
                 if np.any((r < 0) | (r >= cap)):
                     raise CorruptTableError("index points outside the row area: the table file is corrupt")
+                seq_before = self.meta[r, 0]
                 ok = exact(hit_idx, r)
                 rows[hit_idx[ok]] = r[ok]
                 # another key in the row: a collision if the slot still points there (keep
                 # probing), else the writer moved the slot meanwhile (read the same slot again)
                 failed = np.flatnonzero(cand)[~ok]
-                moved = self.slots[pos[pending[failed]], 1] != srow[failed]
+                moved = (self.slots[pos[pending[failed]], 1] != srow[failed]) | (
+                    self.meta[r[~ok], 0] != seq_before[~ok])  # rewritten meanwhile: it may have come back
                 cand[failed] = False
                 stay = np.zeros(len(pending), dtype=np.bool_)
                 stay[failed[moved]] = True
@@ -325,9 +327,20 @@ class NumpyView:
             self.slots[j, 1] = r + 1
             self.ctr[Counter.LIVE] += np.uint64(1)
 
+    def _room_for_exact(self, slotkeys: list[int], starts: list[int], key_bytes: list[bytes] | None) -> bool:
+        """Like _kernels.c: only keys not yet present need rows, slots and heap (plus one spare row)."""
+        fresh, fresh_heap = 0, 0
+        for i, key in enumerate(slotkeys):
+            kb = None if key_bytes is None else key_bytes[i]
+            if not self._probe(key, starts[i], kb)[1]:
+                fresh += 1
+                fresh_heap += 0 if kb is None else len(kb)
+        return self._room_for(fresh + 1, fresh_heap)
+
     def put_int(self, keys: Any, vectors: Any) -> bool:
         k = np.frombuffer(keys, dtype=np.int64)
-        if not self._room_for(len(k), 0):
+        if not self._room_for(len(k), 0) and not self._room_for_exact(
+                k.view(np.uint64).tolist(), mix64(k).tolist(), None):
             return False
         vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(k), self.layout.vec_bytes)
         starts = mix64(k)
@@ -340,7 +353,8 @@ class NumpyView:
         h = np.frombuffer(hashes, dtype=np.uint64).tolist()
         o = np.frombuffer(offsets, dtype=np.uint64).tolist()
         blob = bytes(blob)
-        if not self._room_for(len(h), len(blob)):
+        if not self._room_for(len(h), len(blob)) and not self._room_for_exact(
+                h, h, [blob[o[i] : o[i + 1]] for i in range(len(h))]):
             return False
         vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(h), self.layout.vec_bytes)
         for i, hv in enumerate(h):

@@ -30,6 +30,7 @@ from .table import (
     check_name,
     copy_version,
     remove_stale_temps,
+    storage_error,
     target_is_durable,
     temp_path,
 )
@@ -70,8 +71,11 @@ class Store:
             if not os.path.isdir(self.path):
                 raise StoreNotFoundError(f"no embkv store at {self.path}")
         else:
-            os.makedirs(self.path, exist_ok=True)
-            remove_stale_temps(self.path)
+            try:
+                os.makedirs(self.path, exist_ok=True)
+                remove_stale_temps(self.path)
+            except PermissionError as exc:
+                raise storage_error(exc, f"store {self.path}: cannot write here (use readonly=True to read)") from exc
 
     def __repr__(self) -> str:
         mode = "readonly" if self.readonly else "read-write"
@@ -150,6 +154,8 @@ class Store:
             os.link(tmp, path)
         except FileExistsError:
             raise TableExistsError(f"table {name!r} already exists in {self.path}") from None
+        except OSError as exc:
+            raise storage_error(exc, f"table {name!r}: could not create it in {self.path}") from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

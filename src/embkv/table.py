@@ -38,7 +38,17 @@ from .errors import (
 )
 from .format import COUNTERS_OFFSET, HEADER_SIZE, Counter, Layout, check_counters
 from .kernels import BACKEND, SLOT_EMPTY, SLOT_TOMB, KernelView, make_view, pack_str
-from .wal import DELETE_INT, DELETE_STR, PUT_INT, PUT_STR, WriteAheadLog, boot_id, checkpoint_due, wal_path
+from .wal import (
+    DELETE_INT,
+    DELETE_STR,
+    PUT_INT,
+    PUT_STR,
+    WriteAheadLog,
+    boot_id,
+    checkpoint_due,
+    log_from_another_boot,
+    wal_path,
+)
 
 __all__ = ["Table"]
 
@@ -181,9 +191,20 @@ class Table:
         self._thread_lock = threading.Lock()
         self._thread_lock_pid = os.getpid()
         self._m: _Mapping | None = None
-        self._open_mapping()
-        if not readonly and self._mapping().counters[Counter.DIRTY]:
+        try:
+            self._open_mapping()
+        except PermissionError as exc:
+            raise storage_error(exc, f"table {name!r}: cannot open for writing (open the store with "
+                                     "readonly=True to read)") from exc
+        if not readonly and self._needs_recovery():
             self._try_recover()
+
+    def _needs_recovery(self) -> bool:
+        """A dead writer's batch, or a log written before the last reboot, waits to be replayed."""
+        m = self._mapping()
+        if m.counters[Counter.DIRTY] or m.counters[Counter.SUPERSEDED]:
+            return True
+        return log_from_another_boot(wal_path(self.path), m.layout.created_ns)
 
     def _try_recover(self) -> None:
         """Complete a dead writer's batch now, unless a live writer holds the lock (it will)."""
@@ -259,8 +280,17 @@ class Table:
 
     def _refresh(self) -> None:
         """Switch to the newest published version (the old mapping goes when unused)."""
-        self._mapping()
+        old = self._mapping()
         self._open_mapping()
+        m = self._mapping()
+        if m.inode == old.inode and m.counters[Counter.SUPERSEDED]:
+            # publishers rename before they flag, so the file at the path is never legitimately
+            # superseded: the flag is damage, and retrying would spin forever
+            if self.readonly:
+                raise CorruptTableError(f"{self.path}: the current version is flagged superseded; "
+                                        "open the store writable once (it clears the flag) or run `embkv check`")
+            with self._writing():
+                pass  # a writer clears a stray flag on the current file
 
     def _pack_keys(self, keys: Any) -> Any:
         if self._int_keys:
@@ -308,9 +338,12 @@ class Table:
 
     def _default_bytes(self, default: Any) -> bytes:
         try:
-            arr = np.broadcast_to(np.asarray(default, dtype=self.dtype), (self.dim,))
+            given = np.asarray(default)
+            if given.dtype.kind not in "fiu":
+                raise TypeError(f"got dtype {given.dtype}")
+            arr = np.broadcast_to(given.astype(self.dtype), (self.dim,))
         except (ValueError, TypeError) as exc:
-            raise SchemaError(f"default must be a scalar or a vector of dim {self.dim}: {exc}") from None
+            raise SchemaError(f"default must be a real scalar or a vector of dim {self.dim}: {exc}") from None
         return arr.tobytes()
 
     def contains(self, keys: Any) -> np.ndarray:
@@ -364,10 +397,13 @@ class Table:
             current = (st.st_dev, st.st_ino) == m.inode
         except FileNotFoundError:
             raise TableNotFoundError(f"table {self.name!r} was dropped") from None
-        if not current or m.counters[Counter.SUPERSEDED]:
+        if not current:
             self._refresh()
             m = self._mapping()
+        if m.counters[Counter.SUPERSEDED]:
+            m.counters[Counter.SUPERSEDED] = 0  # this file is at the path and we hold the lock: it is current
         self._recover_from_log(m)
+        m = self._mapping()  # recovery may have grown the table into a new version
         if m.counters[Counter.DIRTY]:
             recover_counters(m)
         m.counters[Counter.DIRTY] = os.getpid()
@@ -405,9 +441,21 @@ class Table:
         # the next writer replays again (records are idempotent upserts and deletes)
         m.counters[Counter.DIRTY] = os.getpid()
         recover_counters(m, keep_dirty=True)  # a sane free-row stack first: replay allocates rows
+        grown = False
         for kind, count, gen, payload in list(wal.records()):
-            if (replay_all or gen > applied) and _apply_record(m, kind, count, payload):
-                last = max(last, gen)
+            if not (replay_all or gen > applied):
+                continue
+            if grown:  # the version we grew into starts an empty log: keep the rest logged there
+                self._logged(m, kind, count, [payload])
+            if not _apply_record(m, kind, count, payload):
+                # a batch cut short can need one more spare row than is left: grow, as put would
+                self._rebuild(m, extra_rows=count, extra_heap=len(payload))
+                m = self._mapping()
+                self._logged(m, kind, count, [payload])
+                grown = True
+                if not _apply_record(m, kind, count, payload):
+                    raise CorruptTableError(f"{self.path}: a logged batch does not fit even after growing")
+            last = max(last, gen)
         recover_counters(m, keep_dirty=True)
         m.counters[Counter.GENERATION] = last
         self._checkpoint(m)
@@ -418,9 +466,10 @@ class Table:
             m.mm.flush()
         self._log().reset(m.layout.created_ns, int(m.counters[Counter.GENERATION]))
 
-    def _logged(self, m: _Mapping, kind: int, count: int, parts: list[Any]) -> None:
+    def _logged(self, m: _Mapping, kind: int, count: int, parts: list[Any]) -> int:
+        """Append a batch to the log; returns the log's size before it (see WriteAheadLog.truncate)."""
         try:
-            self._log().append(kind, count, int(m.counters[Counter.GENERATION]) + 1, parts)
+            return self._log().append(kind, count, int(m.counters[Counter.GENERATION]) + 1, parts)
         except OSError as exc:
             raise storage_error(exc, f"table {self.name!r}: could not log the write") from exc
 
@@ -459,8 +508,11 @@ class Table:
         vecs = self._as_vectors(vectors, n)
         kind, parts = (PUT_INT, [k, vecs]) if self._int_keys else (PUT_STR, [*k, vecs])
         with self._writing() as m:
-            self._logged(m, kind, n, parts)
+            mark = self._logged(m, kind, n, parts)
             if not _put_packed(m.view, m.layout, k, vecs):
+                # no room, nothing written: take the record back before growing, so that a
+                # batch refused below (disk full) can never come back in a later recovery
+                self._log().truncate(mark)
                 heap_needed = 0 if self._int_keys else len(k[2])
                 self._rebuild(m, extra_rows=n, extra_heap=heap_needed)  # starts a new log
                 m = self._mapping()
@@ -697,12 +749,11 @@ def export_live(m: _Mapping) -> tuple[Any, np.ndarray]:
 
 
 def _apply_record(m: _Mapping, kind: int, count: int, payload: memoryview) -> bool:
-    """Re-apply one logged batch; False if it does not fit this version.
+    """Re-apply one logged batch; False (nothing written) if it does not fit this version.
 
-    Every record of a version's log fits that version except, possibly, the last one: a
-    writer that found no room logs the batch, then grows the table into a new version with a
-    new log, and logs the batch again there. If it died before that, the batch was never
-    acknowledged and is dropped here.
+    A record may not fit: the writer that logged it found no room and died before growing
+    the table, or the batch was cut short when it had used up the spare rows. Recovery then
+    grows the table and applies it, as the writer would have.
     """
     view = m.view
     vec_bytes = m.layout.vec_bytes

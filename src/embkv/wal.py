@@ -27,6 +27,7 @@ acknowledged. Replaying a record is idempotent (upserts and deletes by key).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import threading
@@ -107,8 +108,18 @@ class WriteAheadLog:
 
     # ---------------------------------------------------------------- append
 
-    def append(self, kind: int, count: int, generation: int, parts: list[bytes | memoryview]) -> None:
-        """Append one record and sync it as the policy says; raises OSError (e.g. ENOSPC) before any change."""
+    def truncate(self, size: int) -> None:
+        """Take back records appended after the log was ``size`` bytes long (lock held)."""
+        if self.size() > size:
+            os.ftruncate(self.fd, size)
+            if self.durable and self.policy != "never":
+                os.fdatasync(self.fd)
+
+    def append(self, kind: int, count: int, generation: int, parts: list[bytes | memoryview]) -> int:
+        """Append one record and sync it as the policy says; returns the log size before it.
+
+        Raises OSError (e.g. ENOSPC) with the log unchanged.
+        """
         payload_len = sum(len(memoryview(p).cast("B")) for p in parts)
         head = _REC_HEADER.pack(_REC_MAGIC, kind, 0, count, payload_len, generation)
         h = xxhash.xxh3_64(head)
@@ -118,12 +129,13 @@ class WriteAheadLog:
         try:
             written = os.writev(self.fd, [head, *parts, _REC_SUM.pack(h.intdigest())])
             if written != len(head) + payload_len + _REC_SUM.size:
-                raise OSError("short write to the write-ahead log")
+                raise OSError(errno.ENOSPC, "short write to the write-ahead log (file system full?)", self.path)
             if self.policy == "always":
                 os.fdatasync(self.fd)
             elif self.policy == "interval":
                 self._unsynced = True
                 self._ensure_syncer()
+            return end
         except BaseException:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, end)  # a failed append must not leave a half record
@@ -176,6 +188,27 @@ class WriteAheadLog:
             if self._unsynced:
                 os.fdatasync(self.fd)
             os.close(self.fd)
+
+
+def read_header(path: str) -> tuple[int, bytes, int] | None:
+    """(table created_ns, boot id, checkpoint generation) of the log at ``path``, without opening it for writing."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_FILE_HEADER.size)
+    except OSError:
+        return None
+    if len(raw) < _FILE_HEADER.size:
+        return None
+    magic, version, _, created_ns, boot, gen = _FILE_HEADER.unpack(raw)
+    if magic != _FILE_MAGIC or version != 1:
+        return None
+    return created_ns, boot, gen
+
+
+def log_from_another_boot(path: str, created_ns: int) -> bool:
+    """True if the log of table version ``created_ns`` was started before the last reboot (replay needed)."""
+    header = read_header(path)
+    return header is not None and header[0] == created_ns and header[1] != boot_id()
 
 
 def checkpoint_due(wal: WriteAheadLog) -> bool:
