@@ -16,11 +16,16 @@ Quick start::
     # rebuild a whole table and publish it atomically; readers switch on their next call
     store.load_table("items", keys, vectors)
 
+    # compute on miss: lookups answer at once, misses are queued for workers (embkv.cache)
+    cache = embkv.EmbeddingCache(store, "items", oov="mean")
+    vectors, status = cache.lookup([7, 8])                   # status: embkv.HIT / OOV / STALE
+
 See ARCHITECTURE.md for the file format and the concurrency protocol.
 """
 
 from __future__ import annotations
 
+from .cache import HIT, OOV, STALE, CacheMetrics, EmbeddingCache
 from .errors import (
     CorruptTableError,
     EmbkvError,
@@ -40,8 +45,10 @@ from .errors import (
 )
 from .format import FORMAT_VERSION
 from .kernels import BACKEND as KERNEL_BACKEND
+from .queue import FailureInfo, QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
 from .store import Store, open_store
 from .table import Table
+from .worker import Worker, WorkerMetrics, WorkerProcess, WorkerThread, run_in_process, run_in_thread
 
 open = open_store  # `embkv.open(path)` is the documented entry point
 
@@ -49,14 +56,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "HIT",
     "KERNEL_BACKEND",
+    "OOV",
+    "STALE",
+    "CacheMetrics",
     "CorruptTableError",
+    "EmbeddingCache",
     "EmbkvError",
+    "FailureInfo",
     "FormatVersionError",
     "KeyTypeError",
     "NotATableError",
+    "QueueUnavailableError",
     "ReadOnlyError",
     "ReadRetryError",
+    "RedisStreamQueue",
+    "SQLiteQueue",
     "SchemaError",
     "StorageError",
     "Store",
@@ -66,8 +82,16 @@ __all__ = [
     "TableExistsError",
     "TableNotFoundError",
     "TruncatedTableError",
+    "WorkItem",
+    "WorkQueue",
+    "Worker",
+    "WorkerMetrics",
+    "WorkerProcess",
+    "WorkerThread",
     "WriterLockedError",
     "__version__",
     "open",
     "open_store",
+    "run_in_process",
+    "run_in_thread",
 ]

@@ -450,7 +450,9 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
             }
             /* stage 3: a long string key's bytes in the heap (prefetching vector lines too measured slower) */
             for (uint64_t c = 0; c < m && self->key_type == KEY_STR; c++) {
-                if (rows[c] == UINT64_MAX)
+                uint64_t i = base + c;
+                uint64_t kl = sk ? sk->lens[i] : pk->offs[i + 1] - pk->offs[i];
+                if (rows[c] == UINT64_MAX || kl <= INLINE_KEY) /* short keys compare in the row */
                     continue;
                 uint64_t *meta = row_meta(self, rows[c]);
                 uint64_t off = LOAD_RLX(&meta[2]);
@@ -554,6 +556,8 @@ static PyObject *View_get_strlist(View *self, PyObject *args)
         PyObject *it = items[i];
         Py_ssize_t len;
         const char *data;
+        if (i + 8 < n) /* key objects are scattered on the heap: fetch a few ahead */
+            __builtin_prefetch((const char *)items[i + 8] + 32);
         if (PyUnicode_Check(it)) {
             data = PyUnicode_AsUTF8AndSize(it, &len);
             if (!data)

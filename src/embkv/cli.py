@@ -1,4 +1,4 @@
-"""The `embkv` command line: create, load, info, get, export, drop, and the demo."""
+"""The `embkv` command line: create, load, info, get, export, drop, worker, and the demo."""
 
 from __future__ import annotations
 
@@ -233,6 +233,46 @@ def drop(store: str, table: str) -> None:
     """Delete TABLE from STORE."""
     embkv.open(store).drop_table(table)
     click.echo(f"dropped {table}")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("table")
+@click.option("--compute", "compute", required=True, metavar="MODULE:FUNCTION",
+              help="Function called with a list of keys, returning a [len(keys), dim] array.")
+@click.option("--queue", default="sqlite", show_default=True, help="'sqlite' (a file beside the store) or a "
+              "redis:// URL (a stream named TABLE).")
+@click.option("--batch", type=click.IntRange(1), default=64, show_default=True, help="Keys per compute call.")
+@click.option("--model-version", type=int, default=1, show_default=True,
+              help="Version stamped on the vectors written (caches treat older versions as stale).")
+@click.option("--lease", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds a claimed batch is ours before another worker may take it over.")
+@click.option("--max-attempts", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--backoff", type=click.FloatRange(0.0), default=1.0, show_default=True,
+              help="Seconds before the first retry of a failed key (doubled per failure).")
+@click.option("--until-idle", is_flag=True, help="Exit when no key is ready instead of waiting for more.")
+def worker(store: str, table: str, compute: str, queue: str, batch: int, model_version: int, lease: float,
+           max_attempts: int, backoff: float, until_idle: bool) -> None:
+    """Compute the queued keys of TABLE and write their vectors (compute on miss).
+
+    Runs until SIGINT/SIGTERM (the current batch is finished first). A worker killed
+    mid-batch loses nothing: its keys go to another worker when the lease runs out.
+    """
+    import signal
+
+    from embkv.worker import Worker, open_queue
+
+    s = embkv.open(store)
+    q = open_queue(queue, s, table, max_attempts=max_attempts, backoff=backoff)
+    w = Worker(s, table, compute, q, model_version=model_version, batch=batch, lease_seconds=lease)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: w.stop())
+    click.echo(f"worker on {s[table]!r}, queue {q!r}, batch {batch}, model version {model_version}", err=True)
+    w.run(until_idle=until_idle)
+    q.close()
+    m = w.metrics()
+    click.echo(f"computed {m.computed}, failed {m.failed} (gave up {m.gave_up}), batches {m.batches}", err=True)
+    s.close()
 
 
 @main.command()

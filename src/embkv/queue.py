@@ -1,0 +1,481 @@
+"""Work queues of keys to compute: the interface and its SQLite and Redis Streams implementations.
+
+A :class:`WorkQueue` holds keys whose vectors must be (re)computed. Its contract:
+
+- **enqueue-once**: ``enqueue(keys)`` adds only keys that are not already pending (waiting, leased
+  to a worker, or waiting for a retry); it returns how many were added.
+- **leases**: ``claim(n, lease_seconds)`` hands out up to ``n`` ready keys as :class:`WorkItem`
+  objects, leased to the caller. ``ack(items)`` removes them once their vectors are written. A
+  lease that runs out (the worker died mid-batch) makes its key ready again: delivery is
+  at-least-once, never at-most-once.
+- **failures**: ``fail(item, error)`` records the error and schedules a retry after an
+  exponential backoff (``backoff * 2**(attempts-1)``, capped at ``max_backoff``); after
+  ``max_attempts`` failures the key is given up on: it stays recorded (``failures()``) and is not
+  queued again until ``retry_failed()``.
+- a queue that cannot be reached raises :class:`QueueUnavailableError` from every call.
+
+:class:`SQLiteQueue` is the embedded default (one file beside the store, WAL mode, safe across
+processes, survives a restart); :class:`RedisStreamQueue` uses a Redis stream with a consumer
+group. Another broker (Kafka) fits by implementing the abstract methods of :class:`WorkQueue`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .errors import EmbkvError, KeyTypeError
+
+__all__ = [
+    "FailureInfo",
+    "QueueUnavailableError",
+    "RedisStreamQueue",
+    "SQLiteQueue",
+    "WorkItem",
+    "WorkQueue",
+]
+
+Key = int | str | bytes
+
+
+class QueueUnavailableError(EmbkvError, ConnectionError):
+    """The work queue cannot be reached (Redis down, queue file unwritable)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One leased key. ``attempts``: failures so far; ``enqueued_at``: unix time of the first miss."""
+
+    key: Key
+    attempts: int
+    enqueued_at: float
+    token: str  # identifies the lease (SQLite) or the stream message (Redis)
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureInfo:
+    """The last error of a key whose computation failed; ``gave_up`` once ``max_attempts`` is reached."""
+
+    attempts: int
+    error: str
+    gave_up: bool
+
+
+def check_key_type(key_type: str) -> str:
+    if key_type not in ("int64", "str"):
+        raise KeyTypeError(f"key_type must be 'int64' or 'str', got {key_type!r}")
+    return key_type
+
+
+def normalize_keys(keys: Iterable[Any], key_type: str) -> list[Key]:
+    """Keys as plain Python ints (int64 queues) or str/bytes (str queues); KeyTypeError otherwise."""
+    out: list[Key] = []
+    for k in keys:
+        if key_type == "int64":
+            if isinstance(k, (bool, str, bytes)) or not hasattr(k, "__index__"):
+                raise KeyTypeError(f"int64 queue: keys must be integers, got {type(k).__name__}")
+            out.append(int(k))
+        else:
+            if not isinstance(k, (str, bytes)):
+                raise KeyTypeError(f"str queue: keys must be str or bytes, got {type(k).__name__}")
+            out.append(k)
+    return out
+
+
+class WorkQueue(ABC):
+    """Interface of a queue of keys to compute (see the module docstring for the contract)."""
+
+    key_type: str
+    max_attempts: int
+    backoff: float
+    max_backoff: float
+
+    def retry_delay(self, attempts: int) -> float:
+        """Seconds before the retry that follows failure number ``attempts`` (1-based)."""
+        return float(min(self.max_backoff, self.backoff * 2.0 ** max(0, attempts - 1)))
+
+    @abstractmethod
+    def enqueue(self, keys: Iterable[Any]) -> int:
+        """Queue the keys not already pending or given up on; returns how many were added."""
+
+    @abstractmethod
+    def claim(self, n: int, lease_seconds: float = 30.0) -> list[WorkItem]:
+        """Lease up to ``n`` ready keys (expired leases of dead workers count as ready)."""
+
+    @abstractmethod
+    def ack(self, items: Iterable[WorkItem]) -> None:
+        """The items' vectors are written: remove them from the queue."""
+
+    @abstractmethod
+    def fail(self, item: WorkItem, error: str) -> bool:
+        """Record a failed computation; returns True if a retry was scheduled, False if given up."""
+
+    @abstractmethod
+    def depth(self) -> int:
+        """Keys pending: waiting, leased or waiting for a retry (given-up keys not counted)."""
+
+    @abstractmethod
+    def failures(self) -> dict[Key, FailureInfo]:
+        """Keys whose last computation failed (retrying or given up), with the error."""
+
+    @abstractmethod
+    def retry_failed(self) -> int:
+        """Queue the given-up keys again with a fresh attempt count; returns how many."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    def __enter__(self) -> WorkQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -------------------------------------------------------------------- SQLite
+
+_READY, _LEASED, _DEAD = 0, 1, 2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    key            PRIMARY KEY,
+    state          INTEGER NOT NULL,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    ready_at       REAL NOT NULL,
+    lease_until    REAL,
+    token          TEXT,
+    enqueued_at    REAL NOT NULL,
+    error          TEXT
+);
+CREATE INDEX IF NOT EXISTS items_ready ON items(state, ready_at);
+"""
+
+
+class SQLiteQueue(WorkQueue):
+    """The embedded queue: one SQLite file (WAL mode), shared by any number of processes.
+
+    Needs no server and survives restarts: pending keys, leases and failures are rows of the
+    file. ``SQLiteQueue.beside(store, "items")`` puts it at ``<store>/items.queue.sqlite``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key_type: str = "int64", *, max_attempts: int = 5,
+                 backoff: float = 1.0, max_backoff: float = 300.0, busy_timeout: float = 30.0) -> None:
+        self.path = os.fspath(path)
+        self.key_type = check_key_type(key_type)
+        self.max_attempts = int(max_attempts)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.busy_timeout = float(busy_timeout)
+        self._lock = threading.Lock()
+        self._conn_pid = -1
+        self._db: sqlite3.Connection | None = None
+        db = self._connection()
+        try:
+            with self._lock:
+                db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
+
+    @classmethod
+    def beside(cls, store: Any, table: str, **kwargs: Any) -> SQLiteQueue:
+        """The queue file of ``table`` in ``store`` (a :class:`~embkv.Store`), keyed like the table."""
+        key_type = store[table].key_type
+        return cls(os.path.join(store.path, f"{table}.queue.sqlite"), key_type, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<embkv.SQLiteQueue {self.path!r} keys={self.key_type}>"
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None or self._conn_pid != os.getpid():  # a connection must not cross a fork
+            try:
+                db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error as exc:
+                raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
+            self._db, self._conn_pid = db, os.getpid()
+            self._lock = threading.Lock()
+        return self._db
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        with self._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
+            try:
+                yield db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
+
+    def enqueue(self, keys: Iterable[Any]) -> int:
+        ks = normalize_keys(keys, self.key_type)
+        if not ks:
+            return 0
+        now = time.time()
+        with self._tx() as db:
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO items(key, state, attempts, ready_at, enqueued_at) "
+                           "VALUES (?, 0, 0, ?, ?)", [(k, now, now) for k in ks])
+            return db.total_changes - before
+
+    def claim(self, n: int, lease_seconds: float = 30.0) -> list[WorkItem]:
+        if n <= 0:
+            return []
+        now = time.time()
+        token = uuid.uuid4().hex
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT key, attempts, enqueued_at FROM items WHERE (state = 0 AND ready_at <= ?) "
+                "OR (state = 1 AND lease_until < ?) ORDER BY ready_at LIMIT ?", (now, now, int(n))).fetchall()
+            db.executemany("UPDATE items SET state = 1, lease_until = ?, token = ? WHERE key = ?",
+                           [(now + lease_seconds, token, r[0]) for r in rows])
+        return [WorkItem(r[0], int(r[1]), float(r[2]), token) for r in rows]
+
+    def ack(self, items: Iterable[WorkItem]) -> None:
+        pairs = [(it.key, it.token) for it in items]
+        if not pairs:
+            return
+        with self._tx() as db:  # only our own lease: a key re-leased to another worker stays
+            db.executemany("DELETE FROM items WHERE key = ? AND token = ?", pairs)
+
+    def fail(self, item: WorkItem, error: str) -> bool:
+        attempts = item.attempts + 1
+        retry = attempts < self.max_attempts
+        with self._tx() as db:
+            db.execute("UPDATE items SET state = ?, attempts = ?, ready_at = ?, lease_until = NULL, token = NULL, "
+                       "error = ? WHERE key = ? AND token = ?",
+                       (_READY if retry else _DEAD, attempts, time.time() + self.retry_delay(attempts),
+                        str(error), item.key, item.token))
+        return retry
+
+    def depth(self) -> int:
+        with self._tx() as db:
+            return int(db.execute("SELECT COUNT(*) FROM items WHERE state != 2").fetchone()[0])
+
+    def failures(self) -> dict[Key, FailureInfo]:
+        with self._tx() as db:
+            rows = db.execute("SELECT key, attempts, error, state FROM items WHERE error IS NOT NULL").fetchall()
+        return {r[0]: FailureInfo(int(r[1]), str(r[2]), r[3] == _DEAD) for r in rows}
+
+    def retry_failed(self) -> int:
+        with self._tx() as db:
+            cur = db.execute("UPDATE items SET state = 0, attempts = 0, ready_at = ?, error = NULL WHERE state = 2",
+                             (time.time(),))
+            return int(cur.rowcount)
+
+    def close(self) -> None:
+        if self._db is not None and self._conn_pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = None
+
+
+# -------------------------------------------------------------------- Redis Streams
+
+# KEYS: stream, pending set; ARGV: now, key...  -> number added
+_ENQUEUE_LUA = """
+local added = 0
+for i = 2, #ARGV do
+  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[1], '*', 'k', ARGV[i], 'e', ARGV[1], 'a', '0')
+    added = added + 1
+  end
+end
+return added
+"""
+
+# KEYS: stream, delayed zset; ARGV: now -> moves due retries into the stream
+_PROMOTE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+for _, m in ipairs(due) do
+  local v = cjson.decode(m)
+  redis.call('XADD', KEYS[1], '*', 'k', v[1], 'e', v[2], 'a', v[3])
+  redis.call('ZREM', KEYS[2], m)
+end
+return #due
+"""
+
+
+class RedisStreamQueue(WorkQueue):
+    """A queue on a Redis stream with a consumer group (XADD / XREADGROUP / XACK / XAUTOCLAIM).
+
+    Keys live in the stream ``embkv:<name>:stream``; the set ``embkv:<name>:pending`` makes
+    enqueue-once atomic (a Lua script adds a key to the stream only if the set did not hold it);
+    retries wait in the sorted set ``embkv:<name>:delayed``; errors are kept in the hash
+    ``embkv:<name>:errors`` and given-up keys in ``embkv:<name>:dead``. A message leased longer
+    than ``lease_seconds`` is taken over by the next ``claim`` (XAUTOCLAIM): at-least-once. Unlike
+    SQLite, where the claimer sets its lease's length, here the lease that counts is the
+    ``lease_seconds`` of the worker taking over (XAUTOCLAIM's min-idle): give workers one value.
+    Needs ``redis`` (``pip install embkv[redis]``).
+    """
+
+    def __init__(self, url: str, name: str, key_type: str = "int64", *, consumer: str | None = None,
+                 max_attempts: int = 5, backoff: float = 1.0, max_backoff: float = 300.0,
+                 socket_timeout: float = 1.0) -> None:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.url = url
+        self.name = name
+        self.key_type = check_key_type(key_type)
+        self.max_attempts = int(max_attempts)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.consumer = consumer or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._errors_mod: Any = redis.exceptions
+        # fail fast: a lookup must not wait out retries with backoff while Redis is down
+        self._r: Any = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                                            retry=Retry(NoBackoff(), 1))
+        base = f"embkv:{name}"
+        self._stream, self._pending, self._delayed = f"{base}:stream", f"{base}:pending", f"{base}:delayed"
+        self._errors, self._dead, self._group = f"{base}:errors", f"{base}:dead", "workers"
+        self._group_ready = False
+        with contextlib.suppress(QueueUnavailableError):
+            self._ensure_group()
+
+    def __repr__(self) -> str:
+        return f"<embkv.RedisStreamQueue {self.url!r} {self.name!r} keys={self.key_type}>"
+
+    @contextlib.contextmanager
+    def _calls(self) -> Iterator[Any]:
+        try:
+            yield self._r
+        except (self._errors_mod.ConnectionError, self._errors_mod.TimeoutError) as exc:
+            raise QueueUnavailableError(f"redis queue {self.url}: {exc}") from exc
+
+    def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        with self._calls() as r:
+            try:
+                r.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+            except self._errors_mod.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._group_ready = True
+
+    def _encode(self, key: Key) -> str:
+        return key.decode() if isinstance(key, bytes) else str(key)
+
+    def _decode(self, raw: bytes | str) -> Key:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return int(text) if self.key_type == "int64" else text
+
+    def enqueue(self, keys: Iterable[Any]) -> int:
+        ks = [self._encode(k) for k in normalize_keys(keys, self.key_type)]
+        if not ks:
+            return 0
+        self._ensure_group()
+        with self._calls() as r:
+            return int(r.eval(_ENQUEUE_LUA, 2, self._stream, self._pending, repr(time.time()), *ks))
+
+    def claim(self, n: int, lease_seconds: float = 30.0) -> list[WorkItem]:
+        if n <= 0:
+            return []
+        self._ensure_group()
+        messages: list[tuple[Any, dict[Any, Any]]] = []
+        with self._calls() as r:
+            r.eval(_PROMOTE_LUA, 2, self._stream, self._delayed, repr(time.time()))
+            reclaimed = r.xautoclaim(self._stream, self._group, self.consumer, int(lease_seconds * 1000),
+                                     start_id="0-0", count=n)
+            messages.extend(m for m in reclaimed[1] if m[1])  # entries deleted meanwhile come back empty
+            if len(messages) < n:
+                got = r.xreadgroup(self._group, self.consumer, {self._stream: ">"}, count=n - len(messages))
+                for _stream, entries in got or []:
+                    messages.extend(entries)
+        items = []
+        for msg_id, fields in messages:
+            f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+            mid = msg_id.decode() if isinstance(msg_id, bytes) else msg_id
+            items.append(WorkItem(self._decode(f["k"]), int(f["a"]), float(f["e"]), mid))
+        return items
+
+    def ack(self, items: Iterable[WorkItem]) -> None:
+        its = list(items)
+        if not its:
+            return
+        with self._calls() as r:
+            pipe = r.pipeline(transaction=True)
+            ids = [it.token for it in its]
+            pipe.xack(self._stream, self._group, *ids)
+            pipe.xdel(self._stream, *ids)
+            keys = [self._encode(it.key) for it in its]
+            pipe.srem(self._pending, *keys)
+            pipe.hdel(self._errors, *keys)
+            pipe.execute()
+
+    def fail(self, item: WorkItem, error: str) -> bool:
+        attempts = item.attempts + 1
+        retry = attempts < self.max_attempts
+        key = self._encode(item.key)
+        with self._calls() as r:
+            pipe = r.pipeline(transaction=True)
+            pipe.xack(self._stream, self._group, item.token)
+            pipe.xdel(self._stream, item.token)
+            pipe.hset(self._errors, key, json.dumps([attempts, str(error)]))
+            if retry:
+                member = json.dumps([key, repr(item.enqueued_at), str(attempts)])
+                pipe.zadd(self._delayed, {member: time.time() + self.retry_delay(attempts)})
+            else:
+                pipe.hset(self._dead, key, "1")  # stays in the pending set: not queued again
+            pipe.execute()
+        return retry
+
+    def depth(self) -> int:
+        with self._calls() as r:
+            pipe = r.pipeline(transaction=False)
+            pipe.scard(self._pending)
+            pipe.hlen(self._dead)
+            pending, dead = pipe.execute()
+        return int(pending) - int(dead)
+
+    def failures(self) -> dict[Key, FailureInfo]:
+        with self._calls() as r:
+            errors = r.hgetall(self._errors)
+            dead = {self._decode(k) for k in r.hkeys(self._dead)}
+        out: dict[Key, FailureInfo] = {}
+        for k, v in errors.items():
+            key = self._decode(k)
+            attempts, error = json.loads(v)
+            out[key] = FailureInfo(int(attempts), str(error), key in dead)
+        return out
+
+    def retry_failed(self) -> int:
+        with self._calls() as r:
+            dead = r.hkeys(self._dead)
+            if not dead:
+                return 0
+            now = repr(time.time())
+            pipe = r.pipeline(transaction=True)
+            for k in dead:
+                pipe.xadd(self._stream, {"k": k, "e": now, "a": "0"})
+            pipe.hdel(self._dead, *dead)
+            pipe.hdel(self._errors, *dead)
+            pipe.execute()
+        return len(dead)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._r.close()

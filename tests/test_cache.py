@@ -1,0 +1,371 @@
+"""Compute on miss: EmbeddingCache lookups, workers (threads, processes, the CLI), invalidation, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import embkv
+from embkv import HIT, OOV, STALE, EmbeddingCache, SQLiteQueue, Worker
+from embkv.cache import meta_table_name
+from embkv.worker import run_in_process, run_in_thread
+from test_queue import free_port, poll
+from test_queue import redis_url as redis_url_fixture
+
+redis_url = redis_url_fixture  # the redis-server fixture, shared with test_queue.py
+
+DIM = 4
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------- compute functions (importable by workers)
+
+def embed(keys: list[Any]) -> np.ndarray:
+    """Row i is [k, k+1, k+2, k+3] for an int key (len(key) for a str key)."""
+    base = np.array([k if isinstance(k, int) else len(k) for k in keys], dtype=np.float64)
+    return base[:, None] + np.arange(DIM)
+
+
+def embed_fails_on_multiples_of_3(keys: list[Any]) -> np.ndarray:
+    bad = [k for k in keys if k % 3 == 0]
+    if bad:
+        raise ValueError(f"cannot embed {bad}")
+    return embed(keys)
+
+
+def embed_nan_on_odd(keys: list[Any]) -> np.ndarray:
+    out = embed(keys)
+    out[[k % 2 == 1 for k in keys]] = np.nan
+    return out
+
+
+def embed_wrong_shape(keys: list[Any]) -> np.ndarray:
+    return np.zeros((len(keys), DIM + 1))
+
+
+def embed_strings(keys: list[Any]) -> list[list[str]]:
+    return [["x"] * DIM for _ in keys]
+
+
+def embed_huge(keys: list[Any]) -> np.ndarray:
+    return np.full((len(keys), DIM), 1e6)  # inf in a float16 table
+
+
+def embed_then_block(keys: list[Any]) -> np.ndarray:
+    """Say which keys we hold, then never return (the test kills us mid-batch)."""
+    with open(os.environ["EMBKV_TEST_MARKER"], "w") as f:
+        f.write(",".join(str(k) for k in keys))
+    time.sleep(600)
+    return embed(keys)
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture
+def table(store: embkv.Store) -> embkv.Table:
+    return store.create_table("t", dim=DIM)
+
+
+@pytest.fixture
+def queue(store: embkv.Store, table: embkv.Table) -> Iterator[SQLiteQueue]:
+    q = SQLiteQueue.beside(store, "t", backoff=0.05, max_attempts=3)
+    yield q
+    q.close()
+
+
+def cache_of(store: embkv.Store, queue: SQLiteQueue, **kwargs: Any) -> EmbeddingCache:
+    return EmbeddingCache(store, "t", queue, **kwargs)
+
+
+def drain(store: embkv.Store, queue: SQLiteQueue, compute: Any = embed, **kwargs: Any) -> Worker:
+    w = Worker(store, "t", compute, queue, **kwargs)
+    w.run(until_idle=True)
+    return w
+
+
+# ---------------------------------------------------------------- lookups
+
+def test_miss_is_answered_at_once_then_filled(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    vecs, status = cache.lookup([1, 2])
+    assert status.tolist() == [OOV, OOV] and status.dtype == np.int8
+    assert not vecs.any()
+    cache.lookup([2, 1, 2])  # already queued: not queued again
+    assert queue.depth() == 2
+    w = drain(store, queue)
+    vecs, status = cache.lookup([1, 2, 3])
+    assert status.tolist() == [HIT, HIT, OOV]
+    np.testing.assert_array_equal(vecs[:2], embed([1, 2]))
+    m = cache.metrics()
+    assert (m.lookups, m.keys, m.hits, m.oov_served, m.stale_served, m.enqueued) == (3, 8, 2, 6, 0, 3)
+    assert m.keys == m.hits + m.oov_served + m.stale_served
+    assert m.hit_rate == pytest.approx(2 / 8)
+    assert m.queue_depth == 1 and m.queue_available and m.last_queue_error is None
+    wm = w.metrics()
+    assert (wm.computed, wm.failed, wm.batches) == (2, 0, 1)
+    assert 0 < wm.fill_seconds_max < 60 and wm.compute_seconds_total >= 0
+    # the main table is a plain embkv table; versions and fill times live in the sidecar
+    meta, found = store[meta_table_name("t")].get([1, 2])
+    assert found.all() and meta[:, 0].tolist() == [1.0, 1.0]
+    assert abs(meta[0, 1] - time.time()) < 60
+
+
+def test_str_keys(store: embkv.Store) -> None:
+    store.create_table("s", dim=DIM, key_type="str")
+    q = SQLiteQueue.beside(store, "s")
+    cache = EmbeddingCache(store, "s", q)
+    assert cache.lookup(["ab", "xyz"])[1].tolist() == [OOV, OOV]
+    Worker(store, "s", embed, q).run(until_idle=True)
+    vecs, status = cache.lookup(["ab", "xyz"])
+    assert status.tolist() == [HIT, HIT]
+    np.testing.assert_array_equal(vecs, embed(["ab", "xyz"]))
+    with pytest.raises(embkv.KeyTypeError):
+        cache.lookup([1, 2])
+    q.close()
+
+
+def test_wrong_key_type_raises(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    with pytest.raises(embkv.KeyTypeError):
+        cache.lookup(["a"])
+    with pytest.raises(embkv.KeyTypeError):
+        cache.lookup([1.5])
+    assert queue.depth() == 0
+
+
+def test_oov_policies(store: embkv.Store, table: embkv.Table, queue: SQLiteQueue) -> None:
+    table.put([1, 2], np.array([[1, 2, 3, 4], [3, 4, 5, 6]], dtype=np.float32))
+    vecs, _ = cache_of(store, queue).lookup([9])
+    assert vecs.tolist() == [[0, 0, 0, 0]]
+    vecs, _ = cache_of(store, queue, oov=[1, -1, 1, -1]).lookup([9])
+    assert vecs.tolist() == [[1, -1, 1, -1]]
+    cache = cache_of(store, queue, oov="mean")
+    vecs, status = cache.lookup([9, 1])
+    assert status.tolist() == [OOV, HIT]
+    assert vecs.tolist() == [[2, 3, 4, 5], [1, 2, 3, 4]]
+    for bad in ("median", [1, 2], [np.nan] * DIM, ["a"] * DIM):
+        with pytest.raises(embkv.SchemaError):
+            cache_of(store, queue, oov=bad)
+
+
+def test_wait_returns_fresh_values_from_a_running_worker(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    t = run_in_thread(Worker(store, "t", embed, queue, idle_sleep=0.01))
+    try:
+        vecs, status = cache.lookup([5, 6], wait=20)
+        assert status.tolist() == [HIT, HIT]
+        np.testing.assert_array_equal(vecs, embed([5, 6]))
+    finally:
+        t.stop()
+    assert not t.is_alive()
+    # without a worker, wait gives up at the deadline and serves OOV
+    t0 = time.monotonic()
+    assert cache.lookup([7], wait=0.05)[1].tolist() == [OOV]
+    assert time.monotonic() - t0 < 5
+
+
+# ---------------------------------------------------------------- invalidation
+
+@pytest.mark.parametrize("policy", ["serve", "miss"])
+def test_version_bump_makes_old_vectors_stale(store: embkv.Store, queue: SQLiteQueue, policy: str) -> None:
+    cache = cache_of(store, queue, stale_policy=policy, model_version=1)
+    cache.lookup([1, 2])
+    drain(store, queue, model_version=1)
+    assert cache.lookup([1, 2])[1].tolist() == [HIT, HIT]
+    assert cache.bump_model_version() == 2
+    vecs, status = cache.lookup([1, 2])
+    if policy == "serve":
+        assert status.tolist() == [STALE, STALE]
+        np.testing.assert_array_equal(vecs, embed([1, 2]))  # the old vectors while recomputing
+    else:
+        assert status.tolist() == [OOV, OOV]
+        assert not vecs.any()
+    assert queue.depth() == 2
+    drain(store, queue, lambda keys: embed(keys) * 10, model_version=2)
+    vecs, status = cache.lookup([1, 2])
+    assert status.tolist() == [HIT, HIT]
+    np.testing.assert_array_equal(vecs, embed([1, 2]) * 10)
+    m = cache.metrics()
+    assert m.keys == m.hits + m.oov_served + m.stale_served
+    assert m.stale_served == (2 if policy == "serve" else 0)
+
+
+def test_ttl_expiry(store: embkv.Store, table: embkv.Table, queue: SQLiteQueue) -> None:
+    table.put([1, 2, 3], embed([1, 2, 3]))
+    cache = cache_of(store, queue, ttl=10)  # creates the meta table
+    now = time.time()
+    # fill times written directly (no sleeping): key 1 filled 100 s ago, key 2 now, key 3 has no meta row
+    store[meta_table_name("t")].put([1, 2], np.array([[1, now - 100], [1, now]]))
+    vecs, status = cache.lookup([1, 2, 3])
+    assert status.tolist() == [STALE, HIT, HIT]
+    np.testing.assert_array_equal(vecs, embed([1, 2, 3]))
+    assert cache_of(store, queue, ttl=10, stale_policy="miss").lookup([1])[1].tolist() == [OOV]
+    assert cache_of(store, queue).lookup([1])[1].tolist() == [HIT]  # no TTL
+    assert queue.depth() == 1
+    with pytest.raises(embkv.SchemaError):
+        cache_of(store, queue, ttl=0)
+
+
+# ---------------------------------------------------------------- bad compute functions
+
+def test_raising_keys_fail_and_retry_others_succeed(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    cache.lookup(range(1, 10))
+    w = Worker(store, "t", embed_fails_on_multiples_of_3, queue, batch=16)
+    w.run(until_idle=True)
+    status = cache.lookup(range(1, 10))[1]
+    ok = [k for k in range(1, 10) if k % 3]
+    assert [k for k, s in zip(range(1, 10), status, strict=True) if s == HIT] == ok
+    failures = queue.failures()
+    assert sorted(failures) == [3, 6, 9]
+    assert "ValueError: cannot embed [3]" in failures[3].error and failures[3].attempts == 1
+    assert not failures[3].gave_up
+    # retried after the backoff until max_attempts=3, then given up
+    def all_given_up() -> bool:
+        w.run_once()
+        return all(f.gave_up for f in queue.failures().values())
+    poll(all_given_up, 20, "the failing keys to be given up")
+    assert {k: f.attempts for k, f in queue.failures().items()} == {3: 3, 6: 3, 9: 3}
+    m = w.metrics()
+    assert m.computed == 6 and m.failed == 9 and m.gave_up == 3 and m.retried == 6
+    assert queue.depth() == 0
+
+
+@pytest.mark.parametrize(("compute", "error"), [
+    (embed_wrong_shape, f"shape (2, {DIM + 1}) for 2 key(s), expected (2, {DIM})"),
+    (embed_strings, "expected real numbers"),
+])
+def test_wrong_output_is_rejected(store: embkv.Store, queue: SQLiteQueue, compute: Any, error: str) -> None:
+    cache = cache_of(store, queue)
+    cache.lookup([1, 2])
+    w = drain(store, queue, compute)
+    assert cache.lookup([1, 2])[1].tolist() == [OOV, OOV]
+    assert len(store["t"]) == 0
+    failures = queue.failures()
+    assert sorted(failures) == [1, 2] and error in failures[1].error
+    assert w.metrics().last_error is not None and error in w.metrics().last_error
+
+
+def test_nan_rows_are_rejected_others_written(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    cache.lookup([1, 2, 3, 4])
+    drain(store, queue, embed_nan_on_odd)
+    assert cache.lookup([1, 2, 3, 4])[1].tolist() == [OOV, HIT, OOV, HIT]
+    failures = queue.failures()
+    assert sorted(failures) == [1, 3] and "non-finite" in failures[1].error
+
+
+def test_overflow_in_float16_is_rejected(store: embkv.Store) -> None:
+    store.create_table("h", dim=DIM, dtype="float16")
+    q = SQLiteQueue.beside(store, "h")
+    EmbeddingCache(store, "h", q).lookup([1])
+    Worker(store, "h", embed_huge, q).run(until_idle=True)
+    assert "non-finite" in q.failures()[1].error and len(store["h"]) == 0
+    q.close()
+
+
+# ---------------------------------------------------------------- processes
+
+def test_worker_killed_mid_batch_loses_no_key(store: embkv.Store, store_path: str, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    cache.lookup(range(8))
+    marker = os.path.join(store_path, "marker")
+    env = dict(os.environ, PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               EMBKV_TEST_MARKER=marker)
+    proc = subprocess.Popen([sys.executable, "-m", "embkv.cli", "worker", store_path, "t",
+                             "--compute", "test_cache:embed_then_block", "--lease", "1", "--batch", "5"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        poll(lambda: os.path.exists(marker) and os.path.getsize(marker) > 0, 30, "the worker to start a batch")
+        with open(marker) as f:
+            held = [int(k) for k in f.read().split(",")]
+        assert len(held) == 5
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert queue.depth() == 8 and len(store["t"]) == 0
+    # another worker takes the killed one's keys once their lease runs out
+    t = run_in_thread(Worker(store, "t", embed, queue, idle_sleep=0.01))
+    try:
+        vecs, status = cache.lookup(range(8), wait=30)
+    finally:
+        t.stop()
+    assert status.tolist() == [HIT] * 8
+    np.testing.assert_array_equal(vecs, embed(list(range(8))))
+    assert queue.depth() == 0
+
+
+def test_run_in_process(store: embkv.Store, store_path: str, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    wp = run_in_process(store_path, "t", "test_cache:embed", idle_sleep=0.01, model_version=1)
+    try:
+        vecs, status = cache.lookup([11, 12], wait=30)
+        assert status.tolist() == [HIT, HIT]
+        np.testing.assert_array_equal(vecs, embed([11, 12]))
+    finally:
+        assert wp.stop(10) == 0
+
+
+# ---------------------------------------------------------------- queue unreachable
+
+def test_redis_down_lookups_still_answer(store: embkv.Store, table: embkv.Table) -> None:
+    pytest.importorskip("redis", reason="redis-py is not installed")
+    table.put([1], embed([1]))
+    q = embkv.RedisStreamQueue(f"redis://127.0.0.1:{free_port()}/0", "t", socket_timeout=0.5)
+    cache = EmbeddingCache(store, "t", q, oov=[7, 7, 7, 7])
+    vecs, status = cache.lookup([1, 2])  # no exception
+    assert status.tolist() == [HIT, OOV]
+    assert vecs.tolist() == [embed([1])[0].tolist(), [7, 7, 7, 7]]
+    assert not cache.queue_available
+    t0 = time.monotonic()
+    cache.lookup([3])  # the queue is skipped for a moment instead of timing out again
+    assert time.monotonic() - t0 < 0.4
+    m = cache.metrics()
+    assert not m.queue_available and m.queue_errors >= 1 and m.queue_depth is None
+    assert m.last_queue_error is not None and "QueueUnavailableError" in m.last_queue_error
+    assert (m.keys, m.hits, m.oov_served) == (3, 1, 2)
+    cache.close()
+
+
+def test_redis_cache_end_to_end(store: embkv.Store, table: embkv.Table, redis_url: str) -> None:
+    q = embkv.RedisStreamQueue(redis_url, "t", backoff=0.05)
+    cache = EmbeddingCache(store, "t", q)
+    assert cache.lookup([1, 2, 3])[1].tolist() == [OOV] * 3
+    assert cache.metrics().queue_depth == 3
+    t = run_in_thread(Worker(store, "t", embed, embkv.RedisStreamQueue(redis_url, "t"), idle_sleep=0.01))
+    try:
+        vecs, status = cache.lookup([1, 2, 3], wait=20)
+    finally:
+        t.stop()
+    assert status.tolist() == [HIT] * 3
+    np.testing.assert_array_equal(vecs, embed([1, 2, 3]))
+    assert cache.metrics().queue_depth == 0
+    cache.close()
+
+
+def test_cli_worker_until_idle(store: embkv.Store, store_path: str, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue, model_version=3)
+    cache.lookup([1, 2, 3])
+    env = dict(os.environ, PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-m", "embkv.cli", "worker", store_path, "t", "--compute",
+                           "test_cache:embed", "--batch", "2", "--model-version", "3", "--until-idle"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "computed 3, failed 0" in done.stderr
+    assert cache.lookup([1, 2, 3])[1].tolist() == [HIT] * 3
+    bad = subprocess.run([sys.executable, "-m", "embkv.cli", "worker", store_path, "t", "--compute", "nonsense"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "compute must be 'module:function'" in bad.stderr
