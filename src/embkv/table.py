@@ -121,19 +121,9 @@ class _Mapping:
 
 def build_version(path: str, layout: Layout, chunks: Iterator[tuple[Any, np.ndarray]],
                   progress: Progress | None = None) -> None:
-    """Write a complete new table file at ``path`` (which must not exist) from (keys, vectors) chunks.
-
-    The file is fully allocated first so that a full disk or tmpfs fails here with ENOSPC
-    instead of killing a later writer with SIGBUS on a mapped page.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    """Write a complete new table file at ``path`` (which must not exist) from (keys, vectors) chunks."""
+    fd = create_allocated(path, layout.file_size)
     try:
-        try:
-            os.posix_fallocate(fd, 0, layout.file_size)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            os.ftruncate(fd, layout.file_size)
         os.pwrite(fd, layout.pack_header(), 0)
     finally:
         os.close(fd)
@@ -148,6 +138,26 @@ def build_version(path: str, layout: Layout, chunks: Iterator[tuple[Any, np.ndar
             mapping.mm.flush()
     finally:
         mapping.close()
+
+
+def create_allocated(path: str, size: int) -> int:
+    """Create ``path`` (it must not exist) with ``size`` bytes reserved; returns the open descriptor.
+
+    Reserving up front makes a full disk or tmpfs fail here with ENOSPC instead of killing a
+    later writer with SIGBUS on a mapped page.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, size)  # no fallocate on this file system: a sparse file
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _put_packed(view: KernelView, layout: Layout, keys: Any, vectors: np.ndarray) -> bool:
@@ -821,13 +831,8 @@ def copy_version(m: _Mapping, dest: str, durable: bool) -> None:
     """
     lay = m.layout
     fresh = dataclasses.replace(lay, created_ns=time.time_ns())
-    fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = create_allocated(dest, lay.file_size)
     try:
-        try:
-            os.posix_fallocate(fd, 0, lay.file_size)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
         view = memoryview(m.mm)
         try:
             step = 64 << 20
