@@ -48,6 +48,9 @@ def open_meta_table(store: Store, table: Table) -> Table:
                               exist_ok=True)
 
 
+LOOKUP_QUEUE_TIMEOUT = 0.05  # seconds a lookup may wait for the embedded queue's lock
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheMetrics:
     """A snapshot of one cache object's counters (this process only).
@@ -104,7 +107,10 @@ class EmbeddingCache:
         self.store = store
         self.table = store[name]
         self.meta = open_meta_table(store, self.table)
-        self.queue = queue if queue is not None else SQLiteQueue.beside(store, name)
+        # a lookup must not wait on a queue lock held by a slow or stopped worker: give up after
+        # LOOKUP_QUEUE_TIMEOUT, answer with the OOV vector, and queue the key on a later lookup
+        self.queue = queue if queue is not None else SQLiteQueue.beside(store, name,
+                                                                        busy_timeout=LOOKUP_QUEUE_TIMEOUT)
         if self.queue.key_type != self.table.key_type:
             raise SchemaError(f"queue keys are {self.queue.key_type}, table {name!r} keys are {self.table.key_type}")
         self.model_version = int(model_version)
