@@ -21,25 +21,23 @@ import dataclasses
 import gc
 import os
 import platform
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 
 import embkv
+from _common import REPO, command_line, cpu_model, git_describe, make_log, raise_exit
 from embkv.queue import SQLiteQueue
 
-REPO = Path(__file__).resolve().parent.parent
+log = make_log("bench_cache")
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "cache.md"
 TABLE = "sentences"
 DIM = 384
@@ -140,10 +138,6 @@ def encode_hash(keys: list[Any]) -> np.ndarray:
 # ---------------------------------------------------------------------------- helpers
 
 
-def log(msg: str) -> None:
-    print(f"[bench_cache {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def pct(lat: list[int] | np.ndarray, q: float) -> float:
     """Percentile ``q`` of nanosecond latencies, in microseconds."""
     return float(np.percentile(np.asarray(lat, dtype=np.float64), q)) / 1e3
@@ -181,17 +175,11 @@ def interleaved(contenders: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]
 
 
 def machine_lines() -> list[str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     mem = "?"
     with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
         mem = f"{int(fh.readline().split()[1]) / (1 << 20):.1f} GiB"
-    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                         text=True, check=False).stdout.strip() or "unknown"
+    git = git_describe()
     libs = []
     for mod in ("torch", "sentence_transformers"):
         with contextlib.suppress(ImportError):
@@ -202,18 +190,6 @@ def machine_lines() -> list[str]:
         f"- Python {platform.python_version()}, numpy {np.__version__}, embkv {embkv.__version__} "
         f"(kernel backend: `{embkv.KERNEL_BACKEND}`), {', '.join(libs) or 'no torch'}; git `{git}`",
     ]
-
-
-def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(REPO)
-    env = "HF_HUB_OFFLINE=1 " if os.environ.get("HF_HUB_OFFLINE") else ""
-    return env + "python " + shlex.join([str(script), *sys.argv[1:]])
-
-
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
 
 
 class Workers:
@@ -488,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"{len(used):,} distinct sentences; compute: {model}")
 
     path = tempfile.mkdtemp(prefix="embkv-bench-cache-", dir=args.shm_dir)
-    old = signal.signal(signal.SIGTERM, _raise_exit)
+    old = signal.signal(signal.SIGTERM, raise_exit)
     store = cache = None
     workers = Workers(path, compute)
     try:

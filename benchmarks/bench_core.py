@@ -20,7 +20,6 @@ import functools
 import gc
 import os
 import platform
-import shlex
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -36,8 +34,9 @@ import psutil
 from numpy.typing import NDArray
 
 import embkv
+from _common import REPO, command_line, cpu_model, git_describe, make_log, raise_exit, zipf_cdf
 
-REPO = Path(__file__).resolve().parent.parent
+log = make_log("bench_core")
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "core.md"
 TABLE_INT = "items"
 TABLE_STR = "items_str"
@@ -64,10 +63,6 @@ MB = 1 << 20
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float32]
 BoolArray = NDArray[np.bool_]
-
-
-def log(msg: str) -> None:
-    print(f"[bench_core {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- data
@@ -108,14 +103,6 @@ def make_miss_pool(rng: np.random.Generator, keys: IntArray, size: int) -> IntAr
         cand = cand[~np.isin(cand, keys)]
         pool = np.unique(np.concatenate([pool, cand]))
     return rng.permutation(pool)[:size]
-
-
-def zipf_cdf(n: int, exponent: float) -> NDArray[np.float64]:
-    """CDF over ranks 1..n of P(rank k) proportional to 1 / k**exponent."""
-    weights = np.arange(1, n + 1, dtype=np.float64) ** -exponent
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
-    return cdf
 
 
 @dataclasses.dataclass
@@ -387,18 +374,12 @@ def timed_loads(store: embkv.Store, name: str, keys: Any, vectors: FloatArray) -
 
 
 def machine_lines() -> list[str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     thp = {}
     for name, rel in (("anon", "enabled"), ("shmem", "shmem_enabled")):
         with contextlib.suppress(OSError):
             thp[name] = Path(f"/sys/kernel/mm/transparent_hugepage/{rel}").read_text().strip()
-    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                         text=True, check=False).stdout.strip() or "unknown"
+    git = git_describe()
     return [
         f"- CPU: {cpu}; {os.cpu_count()} logical cores ({psutil.cpu_count(logical=False)} physical); "
         f"RAM {psutil.virtual_memory().total / (1 << 30):.1f} GiB",
@@ -418,13 +399,6 @@ def huge_pages() -> tuple[int, int]:
             if parts and parts[0] in got:
                 got[parts[0]] = int(parts[1]) * 1024
     return got["AnonHugePages:"], got["ShmemPmdMapped:"]
-
-
-def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(REPO)
-    return "python " + shlex.join([str(script), *sys.argv[1:]])
 
 
 def report(args: argparse.Namespace, lats: list[Latency], mem: Memory | None, loads: Loads,
@@ -561,16 +535,12 @@ def report(args: argparse.Namespace, lats: list[Latency], mem: Memory | None, lo
 def scratch_store(path: str) -> Iterator[str]:
     """A fresh folder for the store, removed at the end whatever happens (SIGTERM included)."""
     os.makedirs(path, exist_ok=False)  # never take over (and later delete) someone else's folder
-    old = signal.signal(signal.SIGTERM, _raise_exit)
+    old = signal.signal(signal.SIGTERM, raise_exit)
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
         signal.signal(signal.SIGTERM, old)
-
-
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
 
 
 def run(args: argparse.Namespace) -> int:

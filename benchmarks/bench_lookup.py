@@ -40,7 +40,6 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -48,8 +47,9 @@ import psutil
 from numpy.typing import NDArray
 
 import embkv
+from _common import REPO, command_line, cpu_model, git_describe, make_log, raise_exit, zipf_cdf
 
-REPO = Path(__file__).resolve().parent.parent
+log = make_log("bench_lookup")
 DEFAULT_OUT_DIR = REPO / "docs" / "benchmarks"
 TABLE = "items"
 KEY_HIGH = 2**62  # keys are drawn uniformly from [0, KEY_HIGH): sparse ids, not 0..N-1
@@ -97,10 +97,6 @@ SYSTEM_BY_NAME = {s.name: s for s in SYSTEMS}
 PEERS = ("memcached", "redis-tcp", "redis-unix", "lmdb", "dict")
 
 
-def log(msg: str) -> None:
-    print(f"[bench_lookup {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 class BenchError(RuntimeError):
     """A system gave a wrong answer, a server or a client failed: the run is void."""
 
@@ -132,13 +128,6 @@ def make_miss_pool(rng: np.random.Generator, keys: IntArray, size: int) -> IntAr
 
 def str_key(key: int) -> str:
     return f"item:{key}"
-
-
-def zipf_cdf(n: int, exponent: float) -> NDArray[np.float64]:
-    """CDF over ranks 1..n of P(rank k) proportional to 1 / k**exponent."""
-    cdf = np.cumsum(np.arange(1, n + 1, dtype=np.float64) ** -exponent)
-    cdf /= cdf[-1]
-    return cdf
 
 
 def save_dataset(folder: Path, keys: IntArray, vectors: FloatArray, seed: int, dim: int) -> None:
@@ -842,17 +831,13 @@ def scratch() -> Iterator[tuple[Path, Path]]:
     """A temp folder on disk and one in /dev/shm, removed at the end whatever happens (SIGTERM too)."""
     disk = Path(tempfile.mkdtemp(prefix="embkv-bench-lookup-"))
     shm = Path(tempfile.mkdtemp(prefix="embkv-bench-lookup-", dir="/dev/shm"))
-    old = signal.signal(signal.SIGTERM, _raise_exit)
+    old = signal.signal(signal.SIGTERM, raise_exit)
     try:
         yield disk, shm
     finally:
         shutil.rmtree(disk, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
         signal.signal(signal.SIGTERM, old)
-
-
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
 
 
 def run(args: argparse.Namespace) -> Results:
@@ -951,18 +936,12 @@ def _dist(name: str) -> str:
 
 
 def machine_lines() -> list[str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     import lmdb
 
     redis_v = _first_line(["redis-server", "--version"])
     redis_v = next((p[2:] for p in redis_v.split() if p.startswith("v=")), redis_v)
-    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                         text=True, check=False).stdout.strip() or "unknown"
+    git = git_describe()
     return [
         f"- Machine: {cpu}; {os.cpu_count()} logical cores ({psutil.cpu_count(logical=False)} physical); "
         f"RAM {psutil.virtual_memory().total / (1 << 30):.1f} GiB; {platform.platform()}",
@@ -971,13 +950,6 @@ def machine_lines() -> list[str]:
         f"{_first_line(['memcached', '-V'])}, redis-py {_dist('redis')} (hiredis {_dist('hiredis')}), "
         f"pymemcache {_dist('pymemcache')}, py-lmdb {_dist('lmdb')} (LMDB {'.'.join(map(str, lmdb.version()))})",
     ]
-
-
-def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(REPO)
-    return "python " + shlex.join([str(script), *sys.argv[1:]])
 
 
 def fmt_rate(v: float) -> str:

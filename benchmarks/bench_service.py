@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import resource
-import shlex
 import shutil
 import signal
 import socket
@@ -39,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -47,8 +45,10 @@ import psutil
 from numpy.typing import NDArray
 
 import embkv
+from _common import command_line, cpu_model, make_log, raise_exit, zipf_cdf
 
 BENCH_DIR = Path(__file__).resolve().parent
+log = make_log("bench_service")
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 import service_app  # noqa: E402  (the app's query vector and environment names)
@@ -108,10 +108,6 @@ function delay()
   return math.floor(-math.log(1 - math.random()) * pause + 0.5)
 end
 """
-
-
-def log(msg: str) -> None:
-    print(f"[bench_service {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -176,9 +172,7 @@ def make_requests(rng: np.random.Generator, keys: IntArray, count: int) -> Reque
     permutation of rows, so popularity is not tied to load order), then 1% of positions replaced by
     distinct keys that are not in the table."""
     n = len(keys)
-    weights = np.arange(1, n + 1, dtype=np.float64) ** -ZIPF_EXPONENT
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
+    cdf = zipf_cdf(n, ZIPF_EXPONENT)
     rank_to_row = rng.permutation(n).astype(np.int64)
     rows = np.empty((count, KEYS_PER_REQUEST), dtype=np.int64)
     for i in range(count):
@@ -709,12 +703,7 @@ def memory_fits(aggs: dict[tuple[str, int], Agg], s: Settings) -> list[Fit]:
 
 
 def machine_lines() -> list[str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
 
     def ver(dist: str) -> str:
         try:
@@ -746,13 +735,6 @@ def machine_lines() -> list[str]:
         f"pymemcache {ver('pymemcache')}",
         f"- {tool(['redis-server', '--version'])}; {tool(['memcached', '-V'])}; {wrk}",
     ]
-
-
-def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    with contextlib.suppress(ValueError):
-        script = script.relative_to(REPO)
-    return "python " + shlex.join([str(script), *sys.argv[1:]])
 
 
 def mib(x: float) -> str:
@@ -1051,14 +1033,10 @@ def plot(s: Settings, runs: list[Run], fits: list[Fit]) -> list[str]:
 # ---------------------------------------------------------------------------- main
 
 
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 @contextlib.contextmanager
 def scratch(shm_root: str) -> Iterator[tuple[Path, str]]:
     """A temp folder and a store folder under ``shm_root``, removed at the end whatever happens."""
-    old = signal.signal(signal.SIGTERM, _raise_exit)
+    old = signal.signal(signal.SIGTERM, raise_exit)
     made: list[str] = []
     try:
         made.append(tempfile.mkdtemp(prefix="embkv-svc-"))
