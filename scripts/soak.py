@@ -39,7 +39,13 @@ import numpy as np  # noqa: E402
 
 import embkv  # noqa: E402
 from helpers import encode  # noqa: E402
-from reliability import CrashCampaign, CrashStats, rewrite_as_fast_as_possible, torn_reader  # noqa: E402
+from reliability import (  # noqa: E402
+    CrashCampaign,
+    CrashStats,
+    rewrite_as_fast_as_possible,
+    stop_processes,
+    torn_reader,
+)
 
 FORK = mp.get_context("fork")
 
@@ -108,15 +114,7 @@ def torn_round(folder: str, key_type: str, seconds: float, seed: int, totals: To
                 if bad:
                     totals.errors.append(f"{key_type} reader: {value}")
         finally:
-            stop.set()
-            go.set()
-            for p in readers:
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-            q.close()
-            q.join_thread()
+            stop_processes(readers, q, stop, go)
         totals.rounds += 1
     finally:
         store.close()

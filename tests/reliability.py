@@ -456,6 +456,19 @@ def torn_reader(path: str, name: str, key_type: str, key_space: int, seed: int, 
         q.put(("error", traceback.format_exc()))
 
 
+def stop_processes(procs: list[Any], q: Any, *events: Any) -> None:
+    """Set ``events`` (stop, go, ...), join the reader processes (kill stragglers), close their queue."""
+    for event in events:
+        event.set()
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    q.close()
+    q.join_thread()
+
+
 def rewrite_as_fast_as_possible(table: embkv.Table, key_type: str, key_space: int, dim: int, seconds: float,
                                 seed: int) -> int:
     """Overwrite random keys with increasing versions for ``seconds``; returns the rows written.

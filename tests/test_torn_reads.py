@@ -20,7 +20,7 @@ import pytest
 
 import embkv
 from helpers import encode
-from reliability import rewrite_as_fast_as_possible, torn_reader
+from reliability import rewrite_as_fast_as_possible, stop_processes, torn_reader
 
 FORK = mp.get_context("fork")
 READERS = 4
@@ -60,15 +60,7 @@ def test_readers_never_see_a_torn_or_misplaced_row(store_path, key_type):
             assert status == "ok", value
             out.append(value)
     finally:
-        stop.set()
-        go.set()
-        for p in readers:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        q.close()
-        q.join_thread()
+        stop_processes(readers, q, stop, go)
     info = table.info()
     store.close()
     vectors = sum(r["vectors"] for r in out)
