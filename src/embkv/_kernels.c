@@ -218,6 +218,18 @@ static int require_open(View *self, int write)
     return 0;
 }
 
+/* an open view of a table with this key type (lookups of the other kind are a caller bug) */
+static int require_keys(View *self, int key_type)
+{
+    if (require_open(self, 0) < 0)
+        return -1;
+    if (self->key_type != key_type) {
+        PyErr_SetString(PyExc_TypeError, key_type == KEY_INT ? "table has string keys" : "table has int keys");
+        return -1;
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- reads */
 
 static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *row_out)
@@ -507,12 +519,8 @@ static PyObject *View_get_int(View *self, PyObject *args)
     PyObject *keys_o, *out_o, *found_o, *default_o;
     if (!PyArg_ParseTuple(args, "OOOO", &keys_o, &out_o, &found_o, &default_o))
         return NULL;
-    if (require_open(self, 0) < 0)
+    if (require_keys(self, KEY_INT) < 0)
         return NULL;
-    if (self->key_type != KEY_INT) {
-        PyErr_SetString(PyExc_TypeError, "table has string keys");
-        return NULL;
-    }
     Py_buffer kb;
     if (PyObject_GetBuffer(keys_o, &kb, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -531,12 +539,8 @@ static PyObject *View_get_strlist(View *self, PyObject *args)
     PyObject *keys_o, *out_o, *found_o, *default_o;
     if (!PyArg_ParseTuple(args, "OOOO", &keys_o, &out_o, &found_o, &default_o))
         return NULL;
-    if (require_open(self, 0) < 0)
+    if (require_keys(self, KEY_STR) < 0)
         return NULL;
-    if (self->key_type != KEY_STR) {
-        PyErr_SetString(PyExc_TypeError, "table has int keys");
-        return NULL;
-    }
     PyObject *seq = PySequence_Fast(keys_o, "keys must be a sequence of str or bytes");
     if (!seq)
         return NULL;
@@ -586,12 +590,8 @@ static PyObject *View_get_str(View *self, PyObject *args)
     PyObject *h, *o, *b, *out_o, *found_o, *default_o;
     if (!PyArg_ParseTuple(args, "OOOOOO", &h, &o, &b, &out_o, &found_o, &default_o))
         return NULL;
-    if (require_open(self, 0) < 0)
+    if (require_keys(self, KEY_STR) < 0)
         return NULL;
-    if (self->key_type != KEY_STR) {
-        PyErr_SetString(PyExc_TypeError, "table has int keys");
-        return NULL;
-    }
     packed_t pk;
     if (packed_get(h, o, b, &pk) < 0)
         return NULL;

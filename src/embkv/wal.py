@@ -87,13 +87,7 @@ class WriteAheadLog:
 
     def header(self) -> tuple[int, bytes, int] | None:
         """(table created_ns, boot id, checkpoint generation), or None for an empty/foreign log."""
-        raw = os.pread(self.fd, _FILE_HEADER.size, 0)
-        if len(raw) < _FILE_HEADER.size:
-            return None
-        magic, version, _, created_ns, boot, gen = _FILE_HEADER.unpack(raw)
-        if magic != _FILE_MAGIC or version != 1:
-            return None
-        return created_ns, boot, gen
+        return _parse_header(os.pread(self.fd, _FILE_HEADER.size, 0))
 
     def reset(self, created_ns: int, generation: int) -> None:
         """Empty the log for table version ``created_ns`` whose state is durable up to ``generation``."""
@@ -194,9 +188,12 @@ def read_header(path: str) -> tuple[int, bytes, int] | None:
     """(table created_ns, boot id, checkpoint generation) of the log at ``path``, without opening it for writing."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(_FILE_HEADER.size)
+            return _parse_header(f.read(_FILE_HEADER.size))
     except OSError:
         return None
+
+
+def _parse_header(raw: bytes) -> tuple[int, bytes, int] | None:
     if len(raw) < _FILE_HEADER.size:
         return None
     magic, version, _, created_ns, boot, gen = _FILE_HEADER.unpack(raw)
