@@ -218,14 +218,8 @@ class Table:
 
     def _try_recover(self) -> None:
         """Complete a dead writer's batch now, unless a live writer holds the lock (it will)."""
-        timeout, self.lock_timeout = self.lock_timeout, 0.0
-        try:
-            with self._writing():
-                pass
-        except WriterLockedError:
+        with contextlib.suppress(WriterLockedError), self._writing(lock_timeout=0.0):
             pass
-        finally:
-            self.lock_timeout = timeout
 
     # ---------------------------------------------------------------- schema
 
@@ -382,7 +376,7 @@ class Table:
     # ---------------------------------------------------------------- writes
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[_Mapping]:
+    def _writing(self, lock_timeout: float | None = None) -> Iterator[_Mapping]:
         """Hold the table's writer lock, on the newest version, with crash recovery done."""
         if self.readonly:
             raise ReadOnlyError(f"table {self.name!r} was opened read-only")
@@ -391,7 +385,7 @@ class Table:
             self._thread_lock = threading.Lock()  # a fork may have copied it in the locked state
             self._thread_lock_pid = os.getpid()
         with self._thread_lock:
-            fd = self._acquire_lock()
+            fd = self._acquire_lock(self.lock_timeout if lock_timeout is None else lock_timeout)
             try:
                 with self._locked_writing() as m:
                     yield m
@@ -483,14 +477,14 @@ class Table:
         except OSError as exc:
             raise storage_error(exc, f"table {self.name!r}: could not log the write") from exc
 
-    def _acquire_lock(self) -> int:
+    def _acquire_lock(self, timeout: float) -> int:
         pid = os.getpid()
         if self._lock_fd is None or self._lock_pid != pid:
             # after fork() the inherited descriptor shares its flock with the parent: open our own
             self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             self._lock_pid = pid
         fd = self._lock_fd
-        deadline = time.monotonic() + self.lock_timeout
+        deadline = time.monotonic() + timeout
         delay = 0.0005
         while True:
             try:
@@ -499,7 +493,7 @@ class Table:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise WriterLockedError(
-                        f"table {self.name!r}: another writer held the lock for {self.lock_timeout}s"
+                        f"table {self.name!r}: another writer held the lock for {timeout}s"
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
