@@ -186,7 +186,7 @@ def _logged_not_applied(path: str, dim: int = DIM) -> tuple[int, int]:
 
     status, text = fork_and_run(write)
     assert os.WTERMSIG(status) == signal.SIGKILL, text
-    record = 32 + 10 * 8 + 10 * dim * 4 + 8  # header, keys, vectors, xxh3
+    record = 32 + 10 * 8 + 10 * 8 + 10 * dim * 4 + 8  # header, keys, tags, vectors, xxh3
     size = os.path.getsize(os.path.join(path, "t.ekv.wal"))
     assert size == WAL_HEADER + 6 * record
     return size, record
@@ -219,6 +219,22 @@ def test_torn_log_tail_is_cut_off(disk_store_path, damage):
         t.put([99], encode([99], 7))
     with embkv.open(disk_store_path, readonly=True) as s:
         assert _versions(s["t"], np.array([99]))[0] == 7
+
+
+def test_replayed_batch_restores_its_tags(disk_store_path):
+    with embkv.open(disk_store_path, sync="always") as s:
+        s.create_table("t", DIM, capacity=64)
+
+    def write() -> None:
+        t = embkv.open(disk_store_path, sync="always")["t"]
+        die_in_put_packed(after_calls=1)
+        t.put(np.arange(5), encode(np.arange(5), 1), tags=np.arange(5) + 70)
+
+    status, text = fork_and_run(write)
+    assert os.WTERMSIG(status) == signal.SIGKILL, text
+    with embkv.open(disk_store_path) as s:
+        _, found, tags = s["t"].get_tagged(np.arange(5))
+        assert found.all() and tags.tolist() == [70, 71, 72, 73, 74]
 
 
 # ------------------------------------------------------------------ check and repair, command line

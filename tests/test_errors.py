@@ -450,6 +450,14 @@ def test_newer_format_version(store_path, version):
         embkv.open(store_path)["t"]
 
 
+def test_older_format_version_is_refused_with_a_way_out(store_path):
+    path = _make_table(store_path)
+    _patch(path, 8, struct.pack("<I", FORMAT_VERSION - 1), fix_crc=True)
+    _open_fails(store_path, errors.FormatVersionError)
+    with pytest.raises(errors.FormatVersionError, match=r"without tags.*load it again"):
+        embkv.open(store_path)["t"]
+
+
 def test_header_field_changes_with_valid_crc_are_caught(store_path):
     path = _make_table(store_path)
     with open(path, "rb") as f:

@@ -603,3 +603,56 @@ def test_random_operations_match_a_dict(store, key_type):
     exported_keys, exported = t.export()
     assert {k: v.tolist() for k, v in zip(list(exported_keys), exported, strict=True)} == model
     check_accounting(t)
+
+
+# ---------------------------------------------------------------- row tags
+
+
+@pytest.mark.parametrize("key_type", ["int64", "str"])
+def test_row_tags_roundtrip_and_follow_every_rewrite(store, key_type):
+    keys = [5, 6, 7] if key_type == "int64" else ["a", "b" * 40, "c"]  # "b"*40: a key kept on the heap
+    t = store.create_table("t", dim=4, key_type=key_type, capacity=16)
+    t.put(keys, encode([1, 2, 3], 1, 4), tags=[1, 2**64 - 1, 0])
+    vectors, found, tags = t.get_tagged([*keys, keys[0] * 2])
+    assert found.tolist() == [True, True, True, False]
+    assert tags.dtype == np.uint64 and tags.tolist() == [1, 2**64 - 1, 0, 0]
+    assert (check_vectors([1, 2, 3], vectors[:3]) == 1).all()
+    t.put(keys[:2], encode([1, 2], 2, 4))  # a put without tags resets them
+    assert t.get_tagged(keys)[2].tolist() == [0, 0, 0]
+    t.put(keys, encode([1, 2, 3], 3, 4), tags=9)  # one tag for the batch
+    assert t.get_tagged(keys)[2].tolist() == [9, 9, 9]
+    more = [100 + i for i in range(40)] if key_type == "int64" else [f"k{i}" for i in range(40)]
+    t.put(more, encode(np.arange(40), 1, 4), tags=np.arange(40, dtype=np.uint64) + 1000)  # grows
+    assert t.capacity > 16
+    assert t.get_tagged(keys)[2].tolist() == [9, 9, 9], "growth lost the tags"
+    assert t.get_tagged(more)[2].tolist() == list(range(1000, 1040))
+
+
+def test_tags_survive_reopen_and_copy(store, store_path):
+    t = store.create_table("t", dim=2)
+    t.put([1, 2], np.ones((2, 2)), tags=[11, 22])
+    store.copy_table("t", store, "t2")
+    with embkv.open(store_path, readonly=True) as again:
+        assert again["t"].get_tagged([1, 2])[2].tolist() == [11, 22]
+        assert again["t2"].get_tagged([2, 1])[2].tolist() == [22, 11]
+
+
+def test_get_fresh_classifies_by_version_and_time(store):
+    from embkv.format import make_tag
+
+    t = store.create_table("t", dim=2)
+    t.put([1, 2, 3, 4], np.ones((4, 2)), tags=[make_tag(1, 100), make_tag(2, 100), make_tag(2, 300), 0])
+    vectors, status, fresh = t.get_fresh([1, 2, 3, 4, 5], min_version=2, min_time=200, default=7.0)
+    assert status.tolist() == [embkv.STALE, embkv.STALE, embkv.HIT, embkv.HIT, embkv.OOV]
+    assert fresh == 2
+    assert vectors[:4].tolist() == [[1, 1]] * 4 and vectors[4].tolist() == [7, 7]
+    assert t.get_fresh([1, 2], min_version=1)[1].tolist() == [embkv.HIT, embkv.HIT]
+    assert t.get_fresh([], min_version=1)[2] == 0
+
+
+@pytest.mark.parametrize("tags", [[-1, 0], [1.5, 2.0], [1, 2, 3], [[1], [2]], ["a", "b"], [True, False]])
+def test_bad_tags_are_rejected_and_nothing_is_written(store, tags):
+    t = store.create_table("t", dim=2)
+    with pytest.raises(embkv.SchemaError, match="tags"):
+        t.put([1, 2], np.ones((2, 2)), tags=tags)
+    assert len(t) == 0

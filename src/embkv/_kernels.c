@@ -86,6 +86,7 @@ typedef struct {
     uint64_t row_stride;
     uint64_t row_header;
     uint64_t vec_bytes;
+    uint64_t tag_word; /* index of the row's tag word: the last word of the row header */
     int key_type;
     slot_t *slots;
     char *rows;
@@ -153,7 +154,7 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     int bad = 0;
     bad |= (key_type != KEY_INT && key_type != KEY_STR);
     bad |= (slot_count == 0 || (slot_count & (slot_count - 1)) != 0);
-    bad |= (row_header != (key_type == KEY_INT ? 16u : 32u + INLINE_KEY));
+    bad |= (row_header != (key_type == KEY_INT ? 24u : 40u + INLINE_KEY));
     bad |= (vec_bytes == 0 || row_header + vec_bytes > row_stride || (row_stride % 8) != 0);
     bad |= (index_off % 8) || (rows_off % 8) || (free_off % 8);
     bad |= __builtin_mul_overflow(slot_count, (uint64_t)sizeof(slot_t), &idx_bytes);
@@ -180,6 +181,7 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     self->row_stride = row_stride;
     self->row_header = row_header;
     self->vec_bytes = vec_bytes;
+    self->tag_word = row_header / 8 - 1;
     self->key_type = key_type;
     self->slots = (slot_t *)(self->base + index_off);
     self->rows = self->base + rows_off;
@@ -232,7 +234,7 @@ static int require_keys(View *self, int key_type)
 
 /* ---------------------------------------------------------------- reads */
 
-static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *row_out)
+static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *tag_out)
 {
     uint64_t j = start & v->mask;
     uint64_t budget = SPIN_BUDGET;
@@ -254,13 +256,13 @@ static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *
         uint64_t s1 = LOAD_ACQ(&meta[0]);
         if (!(s1 & 1)) {
             uint64_t rk = LOAD_RLX(&meta[1]);
+            uint64_t tag = LOAD_RLX(&meta[v->tag_word]);
             if (dst)
                 memcpy(dst, row_vec(v, r), v->vec_bytes);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (LOAD_RLX(&meta[0]) == s1) {
                 if (rk == key) {
-                    if (row_out)
-                        *row_out = r;
+                    *tag_out = tag;
                     return R_HIT;
                 }
                 /* a stable row holding another key: skip the slot if it still points here and the
@@ -292,7 +294,7 @@ static inline int str_key_equal(View *v, const uint64_t *meta, uint64_t off, uin
            memcmp(v->heap + off + INLINE_KEY, kb + INLINE_KEY, kl - INLINE_KEY) == 0;
 }
 
-static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst, uint64_t *row_out)
+static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst, uint64_t *tag_out)
 {
     uint64_t j = h & v->mask;
     uint64_t budget = SPIN_BUDGET;
@@ -317,13 +319,13 @@ static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst,
             uint64_t off = LOAD_RLX(&meta[2]);
             uint64_t len = LOAD_RLX(&meta[3]);
             int same = rh == h && str_key_equal(v, meta, off, len, kb, kl);
+            uint64_t tag = LOAD_RLX(&meta[v->tag_word]);
             if (same && dst)
                 memcpy(dst, row_vec(v, r), v->vec_bytes);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (LOAD_RLX(&meta[0]) == s1) {
                 if (same) {
-                    if (row_out)
-                        *row_out = r;
+                    *tag_out = tag;
                     return R_HIT;
                 }
                 /* same hash, other key (a collision) or a reused row: see find_int */
@@ -409,21 +411,47 @@ typedef struct {
     uint64_t *hashes;
 } strlist_t;
 
-/* get(keys..., out, found, default) -> number found, or -1 when the file was superseded */
-static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_t *sk, uint64_t n, PyObject *out_o,
-                        PyObject *found_o, PyObject *default_o)
+/* optional arguments of the get entry points (see get_args) */
+typedef struct {
+    PyObject *default_o;      /* vector bytes written for misses, or None for zeros */
+    PyObject *tags_o;         /* None, or a writable buffer of n u64: each row's tag (0 for misses) */
+    long long min_version;    /* < 0: found[i] is 1/0 (hit/miss); >= 0: found[i] is a freshness status */
+    unsigned long long min_time;
+} get_opts_t;
+
+/* freshness status written to found[] when min_version >= 0 (embkv.cache HIT / OOV / STALE) */
+#define S_FRESH 0
+#define S_MISS 1
+#define S_STALE 2
+
+/* a row is fresh when untagged (tag 0) or its tag says version >= min_version, made at >= min_time */
+static inline uint8_t tag_status(uint64_t tag, uint64_t min_version, uint64_t min_time)
 {
-    Py_buffer out = {0}, found = {0}, dflt = {0};
-    int have_out = out_o != Py_None, have_dflt = default_o != Py_None;
+    if (tag == 0 || ((tag >> 32) >= min_version && (tag & 0xFFFFFFFFULL) >= min_time))
+        return S_FRESH;
+    return S_STALE;
+}
+
+/* get(keys..., out, found, default[, tags, min_version, min_time]) -> number found (fresh when
+ * classifying), or -1 when the file was superseded */
+static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_t *sk, uint64_t n, PyObject *out_o,
+                        PyObject *found_o, const get_opts_t *opt)
+{
+    Py_buffer out = {0}, found = {0}, dflt = {0}, tagb = {0};
+    int have_out = out_o != Py_None, have_dflt = opt->default_o != Py_None, have_tags = opt->tags_o != Py_None;
+    int classify = opt->min_version >= 0;
+    uint64_t min_version = classify ? (uint64_t)opt->min_version : 0, min_time = opt->min_time;
     PyObject *res = NULL;
     if (have_out && PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
         return NULL;
     if (PyObject_GetBuffer(found_o, &found, PyBUF_WRITABLE) < 0)
         goto done_out;
-    if (have_dflt && PyObject_GetBuffer(default_o, &dflt, PyBUF_SIMPLE) < 0)
+    if (have_dflt && PyObject_GetBuffer(opt->default_o, &dflt, PyBUF_SIMPLE) < 0)
         goto done_found;
+    if (have_tags && PyObject_GetBuffer(opt->tags_o, &tagb, PyBUF_WRITABLE) < 0)
+        goto done_dflt;
     if ((have_out && (uint64_t)out.len != n * self->vec_bytes) || (uint64_t)found.len != n ||
-        (have_dflt && (uint64_t)dflt.len != self->vec_bytes)) {
+        (have_dflt && (uint64_t)dflt.len != self->vec_bytes) || (have_tags && (uint64_t)tagb.len != 8 * n)) {
         PyErr_SetString(PyExc_ValueError, "output buffers do not match the batch");
         goto done_all;
     }
@@ -433,6 +461,7 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
     }
     char *o = have_out ? (char *)out.buf : NULL;
     uint8_t *f = (uint8_t *)found.buf;
+    uint64_t *tags = have_tags ? (uint64_t *)tagb.buf : NULL;
     const char *d = have_dflt ? (const char *)dflt.buf : NULL;
     uint64_t hits = 0, bad_i = 0;
     int code = 0;
@@ -475,20 +504,29 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
         for (uint64_t c = 0; c < m; c++) {
             uint64_t i = base + c;
             char *dst = o ? o + i * self->vec_bytes : NULL;
+            uint64_t tag = 0;
             int r;
             if (ikeys)
-                r = find_int(self, (uint64_t)ikeys[i], starts[c], dst, NULL);
+                r = find_int(self, (uint64_t)ikeys[i], starts[c], dst, &tag);
             else if (pk)
-                r = find_str(self, starts[c], pk->blob + pk->offs[i], pk->offs[i + 1] - pk->offs[i], dst, NULL);
+                r = find_str(self, starts[c], pk->blob + pk->offs[i], pk->offs[i + 1] - pk->offs[i], dst, &tag);
             else
-                r = find_str(self, starts[c], sk->ptrs[i], sk->lens[i], dst, NULL);
+                r = find_str(self, starts[c], sk->ptrs[i], sk->lens[i], dst, &tag);
             if (r < 0) {
                 code = r;
                 bad_i = i;
                 break;
             }
-            f[i] = (uint8_t)r;
-            hits += (uint64_t)r;
+            if (tags)
+                tags[i] = r ? tag : 0;
+            if (classify) {
+                uint8_t st = r ? tag_status(tag, min_version, min_time) : S_MISS;
+                f[i] = st;
+                hits += st == S_FRESH;
+            } else {
+                f[i] = (uint8_t)r;
+                hits += (uint64_t)r;
+            }
             if (!r && dst) {
                 if (d)
                     memcpy(dst, d, self->vec_bytes);
@@ -504,6 +542,9 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
     else
         res = PyLong_FromUnsignedLongLong(hits);
 done_all:
+    if (have_tags)
+        PyBuffer_Release(&tagb);
+done_dflt:
     if (have_dflt)
         PyBuffer_Release(&dflt);
 done_found:
@@ -514,10 +555,14 @@ done_out:
     return res;
 }
 
+#define GET_OPTS_INIT {Py_None, Py_None, -1, 0}
+
 static PyObject *View_get_int(View *self, PyObject *args)
 {
-    PyObject *keys_o, *out_o, *found_o, *default_o;
-    if (!PyArg_ParseTuple(args, "OOOO", &keys_o, &out_o, &found_o, &default_o))
+    PyObject *keys_o, *out_o, *found_o;
+    get_opts_t opt = GET_OPTS_INIT;
+    if (!PyArg_ParseTuple(args, "OOOO|OLK", &keys_o, &out_o, &found_o, &opt.default_o, &opt.tags_o, &opt.min_version,
+                          &opt.min_time))
         return NULL;
     if (require_keys(self, KEY_INT) < 0)
         return NULL;
@@ -529,15 +574,17 @@ static PyObject *View_get_int(View *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "keys must be int64");
         return NULL;
     }
-    PyObject *res = do_get(self, (const int64_t *)kb.buf, NULL, NULL, (uint64_t)kb.len / 8, out_o, found_o, default_o);
+    PyObject *res = do_get(self, (const int64_t *)kb.buf, NULL, NULL, (uint64_t)kb.len / 8, out_o, found_o, &opt);
     PyBuffer_Release(&kb);
     return res;
 }
 
 static PyObject *View_get_strlist(View *self, PyObject *args)
 {
-    PyObject *keys_o, *out_o, *found_o, *default_o;
-    if (!PyArg_ParseTuple(args, "OOOO", &keys_o, &out_o, &found_o, &default_o))
+    PyObject *keys_o, *out_o, *found_o;
+    get_opts_t opt = GET_OPTS_INIT;
+    if (!PyArg_ParseTuple(args, "OOOO|OLK", &keys_o, &out_o, &found_o, &opt.default_o, &opt.tags_o, &opt.min_version,
+                          &opt.min_time))
         return NULL;
     if (require_keys(self, KEY_STR) < 0)
         return NULL;
@@ -578,7 +625,7 @@ static PyObject *View_get_strlist(View *self, PyObject *args)
         sk.lens[i] = (uint64_t)len;
         sk.hashes[i] = XXH3_64bits(data, (size_t)len);
     }
-    res = do_get(self, NULL, NULL, &sk, (uint64_t)n, out_o, found_o, default_o);
+    res = do_get(self, NULL, NULL, &sk, (uint64_t)n, out_o, found_o, &opt);
 out:
     PyMem_Free(mem);
     Py_DECREF(seq);
@@ -587,15 +634,17 @@ out:
 
 static PyObject *View_get_str(View *self, PyObject *args)
 {
-    PyObject *h, *o, *b, *out_o, *found_o, *default_o;
-    if (!PyArg_ParseTuple(args, "OOOOOO", &h, &o, &b, &out_o, &found_o, &default_o))
+    PyObject *h, *o, *b, *out_o, *found_o;
+    get_opts_t opt = GET_OPTS_INIT;
+    if (!PyArg_ParseTuple(args, "OOOOOO|OLK", &h, &o, &b, &out_o, &found_o, &opt.default_o, &opt.tags_o,
+                          &opt.min_version, &opt.min_time))
         return NULL;
     if (require_keys(self, KEY_STR) < 0)
         return NULL;
     packed_t pk;
     if (packed_get(h, o, b, &pk) < 0)
         return NULL;
-    PyObject *res = do_get(self, NULL, &pk, NULL, pk.n, out_o, found_o, default_o);
+    PyObject *res = do_get(self, NULL, &pk, NULL, pk.n, out_o, found_o, &opt);
     packed_release(&pk);
     return res;
 }
@@ -749,7 +798,7 @@ static int writer_probe(View *v, uint64_t slotkey, const char *kb, uint64_t kl, 
     return R_CORRUPT; /* a full index never happens under the load-factor cap */
 }
 
-static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const char *vec)
+static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const char *vec, uint64_t tag)
 {
     uint64_t start = v->key_type == KEY_INT ? mix64(slotkey) : slotkey;
     uint64_t j, r;
@@ -760,10 +809,10 @@ static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const
         return rc;
     slot_t *s = &v->slots[j];
     if (v->key_type == KEY_INT) {
-        uint64_t meta[1] = {slotkey};
-        write_row(v, r, meta, 1, vec);
+        uint64_t meta[2] = {slotkey, tag};
+        write_row(v, r, meta, 2, vec);
     } else {
-        uint64_t meta[6] = {slotkey, 0, kl, 0, 0, 0};
+        uint64_t meta[7] = {slotkey, 0, kl, 0, 0, 0, tag};
         memcpy(&meta[3], kb, kl < INLINE_KEY ? kl : INLINE_KEY);
         if (found) {
             meta[1] = row_meta(v, s->row - 1)[2]; /* same key bytes: share them */
@@ -775,7 +824,7 @@ static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const
             STORE_REL(&v->ctr[C_HEAP_USED], used + kl);
             meta[1] = used;
         }
-        write_row(v, r, meta, 6, vec);
+        write_row(v, r, meta, 7, vec);
     }
     if (found) {
         uint64_t old = s->row - 1;
@@ -829,11 +878,30 @@ static int room_for_exact(View *v, const int64_t *ikeys, packed_t *pk, uint64_t 
     return room_for(v, fresh + 1, fresh_heap);
 }
 
-/* put_int(keys, vectors) -> True, or False when the table must grow first (nothing written) */
+/* the optional tags argument of put: None (every row tag 0) or n u64; *tags NULL for None */
+static int tags_get(PyObject *tags_o, uint64_t n, Py_buffer *tb, const uint64_t **tags)
+{
+    *tags = NULL;
+    if (tags_o == NULL || tags_o == Py_None)
+        return 0;
+    if (PyObject_GetBuffer(tags_o, tb, PyBUF_SIMPLE) < 0)
+        return -1;
+    if ((uint64_t)tb->len != 8 * n) {
+        PyBuffer_Release(tb);
+        PyErr_SetString(PyExc_ValueError, "tags must be one u64 per key");
+        return -1;
+    }
+    *tags = (const uint64_t *)tb->buf;
+    return 0;
+}
+
+/* put_int(keys, vectors[, tags]) -> True, or False when the table must grow first (nothing written) */
 static PyObject *View_put_int(View *self, PyObject *args)
 {
-    Py_buffer kb, vb;
-    if (!PyArg_ParseTuple(args, "y*y*", &kb, &vb))
+    Py_buffer kb, vb, tb;
+    PyObject *tags_o = NULL;
+    const uint64_t *tags = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*|O", &kb, &vb, &tags_o))
         return NULL;
     PyObject *res = NULL;
     uint64_t n = (uint64_t)kb.len / 8, i = 0;
@@ -844,6 +912,8 @@ static PyObject *View_put_int(View *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "keys/vectors do not match an int-keyed table");
         goto out;
     }
+    if (tags_get(tags_o, n, &tb, &tags) < 0)
+        goto out;
     rc = room_for(self, n, 0);
     if (rc == 0)
         rc = room_for_exact(self, (const int64_t *)kb.buf, NULL, n);
@@ -858,7 +928,7 @@ static PyObject *View_put_int(View *self, PyObject *args)
     const char *vecs = (const char *)vb.buf;
     Py_BEGIN_ALLOW_THREADS for (i = 0; i < n; i++)
     {
-        if ((rc = put_one(self, (uint64_t)keys[i], NULL, 0, vecs + i * self->vec_bytes)) < 0)
+        if ((rc = put_one(self, (uint64_t)keys[i], NULL, 0, vecs + i * self->vec_bytes, tags ? tags[i] : 0)) < 0)
             break;
     }
     Py_END_ALLOW_THREADS
@@ -868,6 +938,8 @@ static PyObject *View_put_int(View *self, PyObject *args)
     else
         res = Py_NewRef(Py_True);
 out:
+    if (tags)
+        PyBuffer_Release(&tb);
     PyBuffer_Release(&kb);
     PyBuffer_Release(&vb);
     return res;
@@ -875,9 +947,10 @@ out:
 
 static PyObject *View_put_str(View *self, PyObject *args)
 {
-    PyObject *h, *o, *b;
-    Py_buffer vb;
-    if (!PyArg_ParseTuple(args, "OOOy*", &h, &o, &b, &vb))
+    PyObject *h, *o, *b, *tags_o = NULL;
+    Py_buffer vb, tb;
+    const uint64_t *tags = NULL;
+    if (!PyArg_ParseTuple(args, "OOOy*|O", &h, &o, &b, &vb, &tags_o))
         return NULL;
     PyObject *res = NULL;
     packed_t pk;
@@ -895,6 +968,8 @@ static PyObject *View_put_str(View *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "keys/vectors do not match a string-keyed table");
         goto out;
     }
+    if (tags_get(tags_o, pk.n, &tb, &tags) < 0)
+        goto out;
     rc = room_for(self, pk.n, pk.offs[pk.n]);
     if (rc == 0)
         rc = room_for_exact(self, NULL, &pk, pk.n);
@@ -908,7 +983,8 @@ static PyObject *View_put_str(View *self, PyObject *args)
     const char *vecs = (const char *)vb.buf;
     Py_BEGIN_ALLOW_THREADS for (i = 0; i < pk.n; i++)
     {
-        rc = put_one(self, pk.hashes[i], pk.blob + pk.offs[i], pk.offs[i + 1] - pk.offs[i], vecs + i * self->vec_bytes);
+        rc = put_one(self, pk.hashes[i], pk.blob + pk.offs[i], pk.offs[i + 1] - pk.offs[i], vecs + i * self->vec_bytes,
+                     tags ? tags[i] : 0);
         if (rc < 0)
             break;
     }
@@ -919,6 +995,8 @@ static PyObject *View_put_str(View *self, PyObject *args)
     else
         res = Py_NewRef(Py_True);
 out:
+    if (tags)
+        PyBuffer_Release(&tb);
     packed_release(&pk);
     PyBuffer_Release(&vb);
     return res;
@@ -1116,14 +1194,17 @@ static PyObject *set_errors(PyObject *mod, PyObject *args)
 
 static PyMethodDef View_methods[] = {
     {"get_int", (PyCFunction)View_get_int, METH_VARARGS,
-     "get_int(keys, out|None, found, default|None) -> hits, or -1 if the file was superseded"},
+     "get_int(keys, out|None, found, default|None[, tags|None, min_version, min_time]) -> hits, or -1 if the "
+     "file was superseded. min_version >= 0: found[i] = 0 fresh, 1 miss, 2 stale (by the row's tag)"},
     {"get_str", (PyCFunction)View_get_str, METH_VARARGS,
-     "get_str(hashes, offsets, blob, out|None, found, default|None) -> hits, or -1 if superseded"},
+     "get_str(hashes, offsets, blob, out|None, found, default|None[, tags, min_version, min_time]) -> hits, or -1 "
+     "if superseded"},
     {"get_strlist", (PyCFunction)View_get_strlist, METH_VARARGS,
-     "get_strlist(keys, out|None, found, default|None): string keys from a list, no packing"},
-    {"put_int", (PyCFunction)View_put_int, METH_VARARGS, "put_int(keys, vectors) -> False if the table must grow"},
+     "get_strlist(keys, out|None, found, default|None[, tags, min_version, min_time]): string keys from a list"},
+    {"put_int", (PyCFunction)View_put_int, METH_VARARGS,
+     "put_int(keys, vectors[, tags]) -> False if the table must grow"},
     {"put_str", (PyCFunction)View_put_str, METH_VARARGS,
-     "put_str(hashes, offsets, blob, vectors) -> False if the table must grow"},
+     "put_str(hashes, offsets, blob, vectors[, tags]) -> False if the table must grow"},
     {"delete_int", (PyCFunction)View_delete_int, METH_VARARGS, "delete_int(keys) -> number deleted"},
     {"delete_str", (PyCFunction)View_delete_str, METH_VARARGS, "delete_str(hashes, offsets, blob) -> deleted"},
     {"export_str", (PyCFunction)View_export_str, METH_VARARGS, "export_str(rows) -> packed keys of those rows"},

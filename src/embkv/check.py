@@ -17,7 +17,7 @@ import numpy as np
 from .errors import EmbkvError
 from .format import Counter
 from .kernels import SLOT_EMPTY, SLOT_TOMB
-from .table import TABLE_SUFFIX, Table, _Mapping, slot_rows
+from .table import TABLE_SUFFIX, Table, _Mapping, row_tags, slot_rows
 
 __all__ = ["CheckReport", "check_table", "repair_table"]
 
@@ -181,6 +181,7 @@ def repair_table(table: Table) -> dict[str, Any]:
         _, first = np.unique(rows, return_index=True)  # one slot per row
         rows = rows[np.sort(first)]
         vectors = m.rows()[rows, lay.row_header : lay.row_header + lay.vec_bytes].copy().view(lay.np_dtype)
+        tags = row_tags(m, rows)
         keys: Any
         if lay.key_type == "int64":
             keys = meta[keep][np.sort(first), 1].view(np.int64).copy()
@@ -191,5 +192,5 @@ def repair_table(table: Table) -> dict[str, Any]:
 
         new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, max(lay.row_capacity, len(rows)),
                                  lay.heap_capacity, time.time_ns())
-        table._publish(new_layout, iter([(keys, vectors)]) if len(rows) else iter(()))
+        table._publish(new_layout, iter([(keys, vectors, tags)]) if len(rows) else iter(()))
     return {"kept": len(rows), "dropped": dropped}

@@ -8,9 +8,11 @@ One table version is one file. All integers are little-endian; every section sta
     [index_offset)     hash index: slot_count x (key u64, row u64), linear probing;
                        row 0 = empty, 2**64-1 = tombstone, otherwise row index + 1
     [rows_offset)      row area: row_capacity x row_stride bytes; each row is
-                       int keys: seq u64 | key i64 | vector
+                       int keys: seq u64 | key i64 | tag u64 | vector
                        str keys: seq u64 | xxh3 u64 | key offset u64 | key length u64 |
-                                 first 24 key bytes (zero padded) | vector
+                                 first 24 key bytes (zero padded) | tag u64 | vector
+                       tag: a word the writer sets with the vector (0 if none); compute on
+                       miss keeps model version << 32 | fill time (unix seconds) there
     [freelist_offset)  row_capacity x u64: stack of rows free for reuse
     [heap_offset)      str keys only: key bytes, append-only
 
@@ -43,10 +45,13 @@ __all__ = [
     "MAGIC",
     "Counter",
     "Layout",
+    "make_tag",
+    "tag_time",
+    "tag_version",
 ]
 
 MAGIC: Final = b"EMBKVTB1"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2  # 2: rows carry a tag word (embkv < 0.2 wrote 1)
 HEADER_SIZE: Final = 4096
 PAGE: Final = 4096
 COUNTERS_OFFSET: Final = 128
@@ -131,7 +136,7 @@ class Layout:
         if capacity > MAX_CAPACITY:
             raise SchemaError(f"capacity {capacity} exceeds the maximum {MAX_CAPACITY}")
         dim = int(dim)
-        row_header = 16 if key_type == "int64" else 32 + INLINE_KEY
+        row_header = 24 if key_type == "int64" else 40 + INLINE_KEY  # the last header word is the tag
         vec_bytes = dim * np.dtype(dtype).itemsize
         row_stride = row_header + (vec_bytes + 7) // 8 * 8
         slot_count = _next_pow2(int(capacity / TARGET_LOAD) + 1)
@@ -175,6 +180,11 @@ class Layout:
                 f"{where}: written in format version {version}; this embkv reads up to {FORMAT_VERSION}. "
                 "Upgrade embkv to open it."
             )
+        if version < FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where}: written in format version {version} (rows without tags); this embkv reads version "
+                f"{FORMAT_VERSION}. Export it with the embkv that wrote it and load it again."
+            )
         (stored_crc,) = _CRC.unpack_from(head, _CRC_OFFSET)
         if zlib.crc32(head[:_CRC_OFFSET]) != stored_crc:
             raise CorruptTableError(f"{where}: header checksum mismatch (the header is damaged)")
@@ -206,3 +216,23 @@ def check_counters(counters: np.ndarray, layout: Layout, where: str = "table") -
             or counters[Counter.LIVE] > cap or counters[Counter.HEAP_USED] > layout.heap_capacity
             or counters[Counter.LIVE] + counters[Counter.TOMBS] > layout.slot_count):
         raise CorruptTableError(f"{where}: header counters are out of range")
+
+
+TAG_TIME_MASK: Final = 0xFFFFFFFF
+
+
+def make_tag(version: int, filled_at: float) -> int:
+    """The row tag compute on miss writes: ``version << 32 | whole unix seconds`` (0 means untagged)."""
+    if not 0 < version < 1 << 31:
+        raise SchemaError(f"model version must be in 1..{(1 << 31) - 1}, got {version!r}")
+    return (int(version) << 32) | (int(filled_at) & TAG_TIME_MASK)
+
+
+def tag_version(tag: int) -> int:
+    """Model version kept in a row tag (0 for an untagged row)."""
+    return int(tag) >> 32
+
+
+def tag_time(tag: int) -> int:
+    """Fill time (whole unix seconds) kept in a row tag (0 for an untagged row)."""
+    return int(tag) & TAG_TIME_MASK

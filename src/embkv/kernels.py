@@ -22,6 +22,9 @@ from .format import COUNTERS_OFFSET, INLINE_KEY, Counter, Layout
 
 __all__ = ["BACKEND", "KernelView", "make_view", "mix64", "pack_str"]
 
+# freshness status a classifying get writes per key (the values of embkv.cache HIT / OOV / STALE)
+STATUS_FRESH, STATUS_MISS, STATUS_STALE = 0, 1, 2
+
 SLOT_EMPTY = np.uint64(0)
 SLOT_TOMB = np.uint64(0xFFFFFFFFFFFFFFFF)
 _SPIN_ROUNDS = 10_000
@@ -30,11 +33,16 @@ _SPIN_ROUNDS = 10_000
 class KernelView(Protocol):
     """What table.py needs from a kernel backend."""
 
-    def get_int(self, keys: Any, out: Any, found: Any, default: Any) -> int: ...
-    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any) -> int: ...
-    def get_strlist(self, keys: Any, out: Any, found: Any, default: Any) -> int: ...
-    def put_int(self, keys: Any, vectors: Any) -> bool: ...
-    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any) -> bool: ...
+    # ``tags``: None or a u64 buffer that receives each row's tag; ``min_version >= 0`` makes
+    # ``found`` a freshness status per key (FRESH / MISS / STALE, see tag_status)
+    def get_int(self, keys: Any, out: Any, found: Any, default: Any, tags: Any = None, min_version: int = -1,
+                min_time: int = 0) -> int: ...
+    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any, tags: Any = None,
+                min_version: int = -1, min_time: int = 0) -> int: ...
+    def get_strlist(self, keys: Any, out: Any, found: Any, default: Any, tags: Any = None, min_version: int = -1,
+                    min_time: int = 0) -> int: ...
+    def put_int(self, keys: Any, vectors: Any, tags: Any = None) -> bool: ...
+    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any, tags: Any = None) -> bool: ...
     def delete_int(self, keys: Any) -> int: ...
     def delete_str(self, hashes: Any, offsets: Any, blob: Any) -> int: ...
     def export_str(self, rows: Any) -> tuple[bytes, bytes, bytes]: ...
@@ -73,6 +81,13 @@ def _pack_str_py(keys: Any) -> tuple[bytes, bytes, bytes]:
     return hashes.tobytes(), offsets.tobytes(), b"".join(encoded)
 
 
+def tag_status(tags: np.ndarray, min_version: int, min_time: int) -> np.ndarray:
+    """FRESH where a row is untagged or its tag has version >= min_version and time >= min_time."""
+    fresh = (tags == 0) | (((tags >> np.uint64(32)) >= np.uint64(min_version))
+                           & ((tags & np.uint64(0xFFFFFFFF)) >= np.uint64(min_time)))
+    return np.where(fresh, STATUS_FRESH, STATUS_STALE).astype(np.uint8)
+
+
 def _exact_subset(exact: Any, subset: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
     result: np.ndarray = exact(subset[idx], rows)
     return result
@@ -97,6 +112,7 @@ class NumpyView:
         rows = raw[layout.rows_offset : layout.rows_offset + layout.row_capacity * layout.row_stride]
         self.rows = rows.reshape(layout.row_capacity, layout.row_stride)
         self.meta = self.rows[:, : layout.row_header].view(np.uint64)
+        self.tag_word = layout.row_header // 8 - 1
         self.vecs = self.rows[:, layout.row_header : layout.row_header + layout.vec_bytes]
         self.freelist = raw[layout.freelist_offset : layout.freelist_offset + 8 * layout.row_capacity].view(
             np.uint64)
@@ -158,10 +174,12 @@ class NumpyView:
         return rows
 
     def _get(self, slotkeys: np.ndarray, starts: np.ndarray, exact: Any, out: Any, found: Any,
-             default: Any) -> int:
+             default: Any, tags: Any, min_version: int, min_time: int) -> int:
         if self.ctr[Counter.SUPERSEDED]:
             return -1
-        found_arr = np.frombuffer(found, dtype=np.bool_)
+        found_arr = np.frombuffer(found, dtype=np.uint8)
+        tags_arr = None if tags is None else np.frombuffer(tags, dtype=np.uint64)
+        row_tags = np.zeros(len(slotkeys), dtype=np.uint64)
         out_arr = None if out is None else np.frombuffer(out, dtype=np.uint8).reshape(
             len(slotkeys), self.layout.vec_bytes)
         todo = np.arange(len(slotkeys))
@@ -173,12 +191,14 @@ class NumpyView:
             seq1[hit] = self.meta[rows[hit], 0]
             if out_arr is not None:
                 out_arr[todo[hit]] = self.vecs[rows[hit]]
+            row_tags[todo[hit]] = self.meta[rows[hit], self.tag_word]
             key_ok = np.ones(len(todo), dtype=np.bool_)
             key_ok[hit] = exact(todo[hit], rows[hit])
             seq2 = np.zeros(len(todo), dtype=np.uint64)
             seq2[hit] = self.meta[rows[hit], 0]
             stable = ~hit | ((seq1 == seq2) & (seq1 % np.uint64(2) == 0) & key_ok)
             found_arr[todo[stable]] = hit[stable]
+            row_tags[todo[stable & ~hit]] = 0
             if out_arr is not None:
                 miss = todo[stable & ~hit]
                 if default is None:
@@ -187,17 +207,25 @@ class NumpyView:
                     out_arr[miss] = np.frombuffer(default, dtype=np.uint8)
             todo = todo[~stable]
             if not len(todo):
-                return int(found_arr.sum())
+                if tags_arr is not None:
+                    tags_arr[:] = row_tags
+                if min_version < 0:
+                    return int(found_arr.sum())
+                hit_all = found_arr.astype(np.bool_)
+                found_arr[:] = STATUS_MISS
+                found_arr[hit_all] = tag_status(row_tags[hit_all], min_version, min_time)
+                return int(np.count_nonzero(found_arr == STATUS_FRESH))
         raise ReadRetryError(f"rows kept changing during {_SPIN_ROUNDS} read attempts")
 
-    def get_int(self, keys: Any, out: Any, found: Any, default: Any) -> int:
+    def get_int(self, keys: Any, out: Any, found: Any, default: Any, tags: Any = None, min_version: int = -1,
+                min_time: int = 0) -> int:
         k = np.frombuffer(keys, dtype=np.int64)
         slotkeys = k.view(np.uint64)
 
         def exact(idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
             return np.asarray(self.meta[rows, 1] == slotkeys[idx])
 
-        return self._get(slotkeys, mix64(k), exact, out, found, default)
+        return self._get(slotkeys, mix64(k), exact, out, found, default, tags, min_version, min_time)
 
     def _str_exact(self, hashes: np.ndarray, offsets: np.ndarray, blob: bytes) -> Any:
         def exact(idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -210,14 +238,16 @@ class NumpyView:
 
         return exact
 
-    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any) -> int:
+    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any, tags: Any = None,
+                min_version: int = -1, min_time: int = 0) -> int:
         h = np.frombuffer(hashes, dtype=np.uint64)
         o = np.frombuffer(offsets, dtype=np.uint64).astype(np.int64)
-        return self._get(h, h, self._str_exact(h, o, bytes(blob)), out, found, default)
+        return self._get(h, h, self._str_exact(h, o, bytes(blob)), out, found, default, tags, min_version, min_time)
 
-    def get_strlist(self, keys: Any, out: Any, found: Any, default: Any) -> int:
+    def get_strlist(self, keys: Any, out: Any, found: Any, default: Any, tags: Any = None, min_version: int = -1,
+                    min_time: int = 0) -> int:
         h, o, b = _pack_str_py(keys)
-        return self.get_str(h, o, b, out, found, default)
+        return self.get_str(h, o, b, out, found, default, tags, min_version, min_time)
 
     # ---------------------------------------------------------------- writes
 
@@ -302,11 +332,11 @@ class NumpyView:
                     bad.append((r, "string key bytes in the row differ from the key heap"))
         return bad
 
-    def _put_one(self, slotkey: int, start: int, key_bytes: bytes | None, vec: np.ndarray) -> None:
+    def _put_one(self, slotkey: int, start: int, key_bytes: bytes | None, vec: np.ndarray, tag: int) -> None:
         j, found = self._probe(slotkey, start, key_bytes)
         r = self._alloc_row()
         if key_bytes is None:
-            self._write_row(r, [slotkey], vec)
+            self._write_row(r, [slotkey, tag], vec)
         else:
             if found:
                 off = int(self.meta[int(self.slots[j, 1]) - 1, 2])
@@ -315,7 +345,7 @@ class NumpyView:
                 self.heap[off : off + len(key_bytes)] = np.frombuffer(key_bytes, dtype=np.uint8)
                 self.ctr[Counter.HEAP_USED] += np.uint64(len(key_bytes))
             inline = np.frombuffer(key_bytes[:INLINE_KEY].ljust(INLINE_KEY, b"\0"), dtype=np.uint64).tolist()
-            self._write_row(r, [slotkey, off, len(key_bytes), *inline], vec)
+            self._write_row(r, [slotkey, off, len(key_bytes), *inline, tag], vec)
         if found:
             old = int(self.slots[j, 1]) - 1
             self.slots[j, 1] = r + 1
@@ -337,19 +367,20 @@ class NumpyView:
                 fresh_heap += 0 if kb is None else len(kb)
         return self._room_for(fresh + 1, fresh_heap)
 
-    def put_int(self, keys: Any, vectors: Any) -> bool:
+    def put_int(self, keys: Any, vectors: Any, tags: Any = None) -> bool:
         k = np.frombuffer(keys, dtype=np.int64)
         if not self._room_for(len(k), 0) and not self._room_for_exact(
                 k.view(np.uint64).tolist(), mix64(k).tolist(), None):
             return False
         vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(k), self.layout.vec_bytes)
         starts = mix64(k)
+        row_tags = _tags_list(tags, len(k))
         for i, key in enumerate(k.view(np.uint64).tolist()):
-            self._put_one(key, int(starts[i]), None, vecs[i])
+            self._put_one(key, int(starts[i]), None, vecs[i], row_tags[i])
         self.ctr[Counter.GENERATION] += np.uint64(1)
         return True
 
-    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any) -> bool:
+    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any, tags: Any = None) -> bool:
         h = np.frombuffer(hashes, dtype=np.uint64).tolist()
         o = np.frombuffer(offsets, dtype=np.uint64).tolist()
         blob = bytes(blob)
@@ -357,8 +388,9 @@ class NumpyView:
                 h, h, [blob[o[i] : o[i + 1]] for i in range(len(h))]):
             return False
         vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(h), self.layout.vec_bytes)
+        row_tags = _tags_list(tags, len(h))
         for i, hv in enumerate(h):
-            self._put_one(hv, hv, blob[o[i] : o[i + 1]], vecs[i])
+            self._put_one(hv, hv, blob[o[i] : o[i + 1]], vecs[i], row_tags[i])
         self.ctr[Counter.GENERATION] += np.uint64(1)
         return True
 
@@ -401,6 +433,15 @@ class NumpyView:
                 raise CorruptTableError("string key outside the key heap")
             keys.append(kb)
         return _pack_str_py(keys)
+
+
+def _tags_list(tags: Any, n: int) -> list[int]:
+    if tags is None:
+        return [0] * n
+    arr = np.frombuffer(tags, dtype=np.uint64)
+    if len(arr) != n:
+        raise ValueError("tags must be one u64 per key")
+    return [int(t) for t in arr.tolist()]
 
 
 def _load_c() -> Any:

@@ -23,6 +23,7 @@ from .format import DTYPES, KEY_TYPES, Counter, Layout
 from .table import (
     LOAD_CHUNK,
     TABLE_SUFFIX,
+    Chunk,
     Progress,
     Table,
     as_int_keys,
@@ -368,7 +369,7 @@ def _infer_key_type(keys: Any) -> str:
     raise KeyTypeError(f"keys must be integers or strings, got {type(first).__name__}")
 
 
-Chunks = Iterator[tuple[Any, np.ndarray]]
+Chunks = Iterator[Chunk]
 
 
 def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[Chunks, int]:
@@ -378,10 +379,10 @@ def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[
     if key_type == "int64":
         packed_int = as_int_keys(keys)
 
-        def gen_int() -> Iterator[tuple[Any, np.ndarray]]:
+        def gen_int() -> Iterator[Chunk]:
             for lo in range(0, n, LOAD_CHUNK):
                 hi = min(n, lo + LOAD_CHUNK)
-                yield packed_int[lo:hi], np.ascontiguousarray(vectors[lo:hi], dtype=dtype)
+                yield packed_int[lo:hi], np.ascontiguousarray(vectors[lo:hi], dtype=dtype), None
 
         return gen_int(), 0
     if isinstance(keys, np.ndarray):
@@ -389,8 +390,8 @@ def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[
     packed = [as_str_keys(keys[lo : lo + LOAD_CHUNK]) for lo in range(0, n, LOAD_CHUNK)]
     heap = sum(len(p[2]) for p in packed)
 
-    def gen_str() -> Iterator[tuple[Any, np.ndarray]]:
+    def gen_str() -> Iterator[Chunk]:
         for i, lo in enumerate(range(0, n, LOAD_CHUNK)):
-            yield packed[i], np.ascontiguousarray(vectors[lo : lo + LOAD_CHUNK], dtype=dtype)
+            yield packed[i], np.ascontiguousarray(vectors[lo : lo + LOAD_CHUNK], dtype=dtype), None
 
     return gen_str(), heap

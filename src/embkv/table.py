@@ -59,6 +59,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 _INT64_MAX = np.iinfo(np.int64).max
 LOAD_CHUNK = 65536
 Progress = Callable[[int], None]
+# what builds a version: (keys packed for the kernel, vectors, row tags or None for untagged)
+Chunk = tuple[Any, np.ndarray, "np.ndarray | None"]
 
 
 def check_name(name: str) -> str:
@@ -119,9 +121,8 @@ class _Mapping:
                              offset=lay.rows_offset).reshape(lay.row_capacity, lay.row_stride)
 
 
-def build_version(path: str, layout: Layout, chunks: Iterator[tuple[Any, np.ndarray]],
-                  progress: Progress | None = None) -> None:
-    """Write a complete new table file at ``path`` (which must not exist) from (keys, vectors) chunks."""
+def build_version(path: str, layout: Layout, chunks: Iterator[Chunk], progress: Progress | None = None) -> None:
+    """Write a complete new table file at ``path`` (which must not exist) from (keys, vectors, tags) chunks."""
     fd = create_allocated(path, layout.file_size)
     try:
         os.pwrite(fd, layout.pack_header(), 0)
@@ -129,8 +130,8 @@ def build_version(path: str, layout: Layout, chunks: Iterator[tuple[Any, np.ndar
         os.close(fd)
     mapping = _Mapping(path, writable=True)
     try:
-        for keys, vectors in chunks:
-            if not _put_packed(mapping.view, layout, keys, vectors):
+        for keys, vectors, tags in chunks:
+            if not _put_packed(mapping.view, layout, keys, vectors, tags):
                 raise SchemaError("internal: a fresh table version was sized too small")
             if progress is not None:
                 progress(len(vectors))
@@ -160,11 +161,11 @@ def create_allocated(path: str, size: int) -> int:
     return fd
 
 
-def _put_packed(view: KernelView, layout: Layout, keys: Any, vectors: np.ndarray) -> bool:
+def _put_packed(view: KernelView, layout: Layout, keys: Any, vectors: np.ndarray, tags: np.ndarray | None) -> bool:
     if layout.key_type == "int64":
-        return view.put_int(keys, vectors)
+        return view.put_int(keys, vectors, tags)
     hashes, offsets, blob = keys
-    return view.put_str(hashes, offsets, blob, vectors)
+    return view.put_str(hashes, offsets, blob, vectors, tags)
 
 
 class Table:
@@ -308,37 +309,77 @@ class Table:
         ``found`` a bool ``[B]``. Missing rows hold ``default`` (a scalar or a ``[dim]`` vector;
         zeros if None). A reader never sees a torn vector: each row is the old or the new one.
         """
-        k: Any
-        int_keys = self._int_keys
-        if int_keys:
-            k = keys if (type(keys) is np.ndarray and keys.dtype == np.int64 and keys.ndim == 1
-                         and keys.flags.c_contiguous) else as_int_keys(keys)
-            n = k.shape[0]
-        elif type(keys) is list or type(keys) is tuple:
-            k = keys  # the kernel reads str/bytes straight from the list
-            n = len(k)
-        else:
-            k = str_keys_as_list(keys)
-            n = len(k)
+        k = self._lookup_keys(keys)
+        out = np.empty((len(k), self.dim), dtype=self.dtype)
+        found = np.empty(len(k), dtype=np.bool_)
+        if self._gather(k, out, found, default) < 0:
+            return self.get(keys, default)  # the table was re-created with another schema
+        return out, found
+
+    def get_tagged(self, keys: Any, default: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`get`, plus each row's tag (uint64 ``[B]``; 0 for misses and untagged rows).
+
+        A tag is the word a writer stored with the vector (``put(..., tags=...)``), read in
+        the same consistent snapshot as the vector.
+        """
+        k = self._lookup_keys(keys)
+        out = np.empty((len(k), self.dim), dtype=self.dtype)
+        found = np.empty(len(k), dtype=np.bool_)
+        tags = np.empty(len(k), dtype=np.uint64)
+        if self._gather(k, out, found, default, tags) < 0:
+            return self.get_tagged(keys, default)
+        return out, found, tags
+
+    def get_fresh(self, keys: Any, min_version: int, min_time: int = 0,
+                  default: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Vectors, a freshness status per key, and how many are fresh, in one pass.
+
+        ``status[i]`` (uint8) is 0 (fresh: present and untagged, or its tag has version
+        ``>= min_version`` and fill time ``>= min_time``, see :func:`embkv.format.make_tag`),
+        1 (missing: the row holds ``default``) or 2 (present but older). These are the values
+        of ``embkv.HIT``, ``embkv.OOV`` and ``embkv.STALE``; :class:`embkv.EmbeddingCache`
+        is built on this call.
+        """
+        k = self._lookup_keys(keys)
+        out = np.empty((len(k), self.dim), dtype=self.dtype)
+        status = np.empty(len(k), dtype=np.uint8)
+        fresh = self._gather(k, out, status, default, None, int(min_version), int(min_time))
+        if fresh < 0:
+            return self.get_fresh(keys, min_version, min_time, default)
+        return out, status, fresh
+
+    def _lookup_keys(self, keys: Any) -> Any:
+        """Keys as the kernel reads them: a contiguous int64 array, or a list of str/bytes."""
+        if self._int_keys:
+            if (type(keys) is np.ndarray and keys.dtype == np.int64 and keys.ndim == 1
+                    and keys.flags.c_contiguous):
+                return keys
+            return as_int_keys(keys)
+        if type(keys) is list or type(keys) is tuple:
+            return keys  # the kernel reads str/bytes straight from the list
+        return str_keys_as_list(keys)
+
+    def _gather(self, k: Any, out: np.ndarray, found: np.ndarray, default: Any, tags: np.ndarray | None = None,
+                min_version: int = -1, min_time: int = 0) -> int:
+        """Run the kernel's read on the newest version; -1 if the schema changed under the keys."""
         dflt = None if default is None else self._default_bytes(default)
-        out = np.empty((n, self.dim), dtype=self.dtype)
-        found = np.empty(n, dtype=np.bool_)
         if self._m is None:
             raise TableClosedError(f"table {self.name!r} is closed")
+        int_keys = self._int_keys
         while True:
             view = self._view
-            if self._int_keys:
-                hits = view.get_int(k, out, found, dflt)
+            if int_keys:
+                hits = view.get_int(k, out, found, dflt, tags, min_version, min_time)
             else:
                 try:
-                    hits = view.get_strlist(k, out, found, dflt)
+                    hits = view.get_strlist(k, out, found, dflt, tags, min_version, min_time)
                 except (TypeError, UnicodeEncodeError) as exc:
                     raise KeyTypeError(f"str table: {exc}") from None
             if hits >= 0:
-                return out, found
+                return int(hits)
             self._refresh()
             if (self.dim, self.dtype, self._int_keys) != (out.shape[1], out.dtype, int_keys):
-                return self.get(keys, default)  # the table was re-created with another schema
+                return -1
 
     def _default_bytes(self, default: Any) -> bytes:
         try:
@@ -498,22 +539,29 @@ class Table:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
-    def put(self, keys: Any, vectors: Any) -> None:
+    def put(self, keys: Any, vectors: Any, tags: Any = None) -> None:
         """Insert or overwrite a batch: ``keys`` [B], ``vectors`` [B, dim].
 
         Duplicate keys in one batch: the last occurrence wins. NaN and inf are stored as
         given. Values are cast to the table's dtype (float64 -> float16 may overflow to inf).
         The table grows (a new version is built and published) when it runs out of room.
+        ``tags``: an unsigned 64-bit word stored with each vector (one int for the batch, or
+        ``[B]``; default 0), read back by :meth:`get_tagged` and :meth:`get_fresh`.
         """
         k = self._pack_keys(keys)
         n = k.shape[0] if self._int_keys else len(k[0]) // 8
         if n == 0:
             return  # an empty batch is a no-op whatever the vectors look like
         vecs = self._as_vectors(vectors, n)
-        kind, parts = (PUT_INT, [k, vecs]) if self._int_keys else (PUT_STR, [*k, vecs])
+        row_tags = _as_tags(tags, n)
+        # the log keeps the tags beside the keys, so a replayed batch restores them too
+        if self._int_keys:
+            kind, parts = PUT_INT, [k, row_tags, vecs]
+        else:
+            kind, parts = PUT_STR, [k[0], row_tags, k[1], k[2], vecs]
         with self._writing() as m:
             mark = self._logged(m, kind, n, parts)
-            if not _put_packed(m.view, m.layout, k, vecs):
+            if not _put_packed(m.view, m.layout, k, vecs, row_tags):
                 # no room, nothing written: take the record back before growing, so that a
                 # batch refused below (disk full) can never come back in a later recovery
                 self._log().truncate(mark)
@@ -521,7 +569,7 @@ class Table:
                 self._rebuild(m, extra_rows=n, extra_heap=heap_needed)  # starts a new log
                 m = self._mapping()
                 self._logged(m, kind, n, parts)
-                if not _put_packed(m.view, m.layout, k, vecs):
+                if not _put_packed(m.view, m.layout, k, vecs, row_tags):
                     raise SchemaError("internal: table did not grow enough")
             if checkpoint_due(self._log()):
                 self._checkpoint(m)
@@ -560,17 +608,16 @@ class Table:
         live = int(m.counters[Counter.LIVE])
         need = live + extra_rows
         capacity = lay.row_capacity if need <= lay.row_capacity else max(2 * lay.row_capacity, need + need // 8)
-        keys, vectors = export_live(m)
+        keys, vectors, tags = export_live(m)
         heap = 0
         if not self._int_keys:
             heap_needed = len(keys[2]) + extra_heap
             heap = lay.heap_capacity if heap_needed <= lay.heap_capacity else max(2 * lay.heap_capacity,
                                                                                   heap_needed * 5 // 4)
         new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, capacity, heap, time.time_ns())
-        self._publish(new_layout, iter([(keys, vectors)]) if live else iter(()))
+        self._publish(new_layout, iter([(keys, vectors, tags)]) if live else iter(()))
 
-    def _publish(self, layout: Layout, chunks: Iterator[tuple[Any, np.ndarray]],
-                 progress: Progress | None = None) -> None:
+    def _publish(self, layout: Layout, chunks: Iterator[Chunk], progress: Progress | None = None) -> None:
         """Build a new version beside the current file and rename it over it. Lock held."""
         tmp = temp_path(self.path)
         try:
@@ -616,7 +663,7 @@ class Table:
                 return keys[found], vectors[found]
             return [k for k, f in zip(keys, found.tolist(), strict=True) if f], vectors[found]
         with self._writing() as m:
-            keys, vectors = export_live(m)
+            keys, vectors, _tags = export_live(m)
         if not self._int_keys:
             keys = unpack_str(keys)
         return keys, vectors
@@ -737,8 +784,8 @@ def slot_rows(slots: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray,
     return live, np.where(in_range, rows_u, np.uint64(0)).astype(np.int64), in_range
 
 
-def export_live(m: _Mapping) -> tuple[Any, np.ndarray]:
-    """Keys (packed for str tables) and vectors of every live row. Writer lock held."""
+def export_live(m: _Mapping) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Keys (packed for str tables), vectors and tags of every live row. Writer lock held."""
     lay = m.layout
     slots = m.slots()
     live, rows, in_range = slot_rows(slots, lay.row_capacity)
@@ -747,9 +794,40 @@ def export_live(m: _Mapping) -> tuple[Any, np.ndarray]:
     order = np.argsort(rows, kind="stable")  # sequential reads of the row area
     rows = rows[order]
     vectors = m.rows()[rows, lay.row_header : lay.row_header + lay.vec_bytes].copy().view(lay.np_dtype)
+    tags = row_tags(m, rows)
     if lay.key_type == "int64":
-        return slots[live[order], 0].view(np.int64).copy(), vectors
-    return m.view.export_str(rows), vectors
+        return slots[live[order], 0].view(np.int64).copy(), vectors, tags
+    return m.view.export_str(rows), vectors, tags
+
+
+def row_tags(m: _Mapping, rows: np.ndarray) -> np.ndarray:
+    """The tag word of each of ``rows`` (the last word of the row header), copied."""
+    lay = m.layout
+    return np.ascontiguousarray(m.rows()[rows, lay.row_header - 8 : lay.row_header]).view(np.uint64).reshape(-1)
+
+
+def _as_tags(tags: Any, n: int) -> np.ndarray:
+    """Row tags as a contiguous uint64 ``[n]`` array; SchemaError for anything else."""
+    if tags is None:
+        return np.zeros(n, dtype=np.uint64)
+    try:
+        arr = np.asarray(tags)
+        if arr.dtype.kind in "fO" and not isinstance(tags, np.ndarray):
+            # a list holding ints above 2**63 comes out as float or object: convert it exactly
+            items = list(tags) if isinstance(tags, (list, tuple)) else [tags]
+            if items and all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+                arr = np.array(items, dtype=np.uint64).reshape(np.shape(tags))
+        if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
+            raise TypeError(f"got dtype {arr.dtype}")
+        if arr.ndim == 0:
+            arr = np.full(n, arr)
+        if arr.shape != (n,):
+            raise ValueError(f"got shape {arr.shape}")
+        if arr.dtype.kind == "i" and (arr < 0).any():
+            raise ValueError("tags must not be negative")
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise SchemaError(f"tags must be unsigned 64-bit integers, one per key or one for all {n}: {exc}") from None
+    return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
 def _apply_record(m: _Mapping, kind: int, count: int, payload: memoryview) -> bool:
@@ -766,17 +844,22 @@ def _apply_record(m: _Mapping, kind: int, count: int, payload: memoryview) -> bo
         if kind == DELETE_INT:
             view.delete_int(keys)
             return True
-        vectors = payload[8 * count :]
-        return len(vectors) == count * vec_bytes and view.put_int(keys, vectors)
+        tags = payload[8 * count : 16 * count]
+        vectors = payload[16 * count :]
+        return len(vectors) == count * vec_bytes and view.put_int(keys, vectors, tags)
     hashes = payload[: 8 * count]
-    offsets = payload[8 * count : 8 * (2 * count + 1)]
-    blob_len = int(np.frombuffer(offsets, dtype=np.uint64)[-1])
-    blob = payload[8 * (2 * count + 1) : 8 * (2 * count + 1) + blob_len]
     if kind == DELETE_STR:
-        view.delete_str(hashes, offsets, blob)
+        offsets = payload[8 * count : 8 * (2 * count + 1)]
+        blob_len = int(np.frombuffer(offsets, dtype=np.uint64)[-1])
+        view.delete_str(hashes, offsets, payload[8 * (2 * count + 1) : 8 * (2 * count + 1) + blob_len])
         return True
-    vectors = payload[8 * (2 * count + 1) + blob_len :]
-    return len(vectors) == count * vec_bytes and view.put_str(hashes, offsets, blob, vectors)
+    # PUT_STR: hashes | tags | offsets | blob | vectors
+    tags = payload[8 * count : 16 * count]
+    offsets = payload[16 * count : 8 * (3 * count + 1)]
+    blob_len = int(np.frombuffer(offsets, dtype=np.uint64)[-1])
+    blob = payload[8 * (3 * count + 1) : 8 * (3 * count + 1) + blob_len]
+    vectors = payload[8 * (3 * count + 1) + blob_len :]
+    return len(vectors) == count * vec_bytes and view.put_str(hashes, offsets, blob, vectors, tags)
 
 
 def recover_counters(m: _Mapping, keep_dirty: bool = False) -> None:

@@ -45,6 +45,7 @@ CHECKPOINT_BYTES: Final = 64 << 20
 WAL_SUFFIX: Final = ".wal"
 
 _FILE_MAGIC: Final = b"EMBKVWAL"
+LOG_VERSION: Final = 2  # 2: put records carry row tags (see table._apply_record)
 _FILE_HEADER = struct.Struct("<8sIIQ16sQ")  # magic, version, reserved, table created_ns, boot id, checkpoint gen
 _REC_MAGIC: Final = 0x4C574B45
 _REC_HEADER = struct.Struct("<IHHQQQ")  # magic, kind, reserved, count, payload bytes, generation
@@ -92,7 +93,7 @@ class WriteAheadLog:
     def reset(self, created_ns: int, generation: int) -> None:
         """Empty the log for table version ``created_ns`` whose state is durable up to ``generation``."""
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, _FILE_HEADER.pack(_FILE_MAGIC, 1, 0, created_ns, boot_id(), generation))
+        os.write(self.fd, _FILE_HEADER.pack(_FILE_MAGIC, LOG_VERSION, 0, created_ns, boot_id(), generation))
         if self.durable:
             os.fsync(self.fd)
         self._unsynced = False
@@ -197,7 +198,7 @@ def _parse_header(raw: bytes) -> tuple[int, bytes, int] | None:
     if len(raw) < _FILE_HEADER.size:
         return None
     magic, version, _, created_ns, boot, gen = _FILE_HEADER.unpack(raw)
-    if magic != _FILE_MAGIC or version != 1:
+    if magic != _FILE_MAGIC or version != LOG_VERSION:
         return None
     return created_ns, boot, gen
 
