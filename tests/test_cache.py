@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,8 +18,9 @@ import pytest
 
 import embkv
 from embkv import HIT, OOV, STALE, EmbeddingCache, SQLiteQueue, Worker
-from embkv.cache import meta_table_name
+from embkv.format import make_tag
 from embkv.worker import run_in_process, run_in_thread
+from helpers import fork_and_run
 from test_queue import free_port, poll
 from test_queue import redis_url as redis_url_fixture
 
@@ -85,6 +89,13 @@ def cache_of(store: embkv.Store, queue: SQLiteQueue, **kwargs: Any) -> Embedding
     return EmbeddingCache(store, "t", queue, **kwargs)
 
 
+def lookup_sent(cache: EmbeddingCache, keys: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A lookup, then wait until its misses reached the queue (the sender thread queues them)."""
+    got = cache.lookup(keys, **kwargs)
+    assert cache.flush(10), "the sender thread did not hand the misses to the queue"
+    return got
+
+
 def drain(store: embkv.Store, queue: SQLiteQueue, compute: Any = embed, **kwargs: Any) -> Worker:
     w = Worker(store, "t", compute, queue, **kwargs)
     w.run(until_idle=True)
@@ -95,34 +106,41 @@ def drain(store: embkv.Store, queue: SQLiteQueue, compute: Any = embed, **kwargs
 
 def test_miss_is_answered_at_once_then_filled(store: embkv.Store, queue: SQLiteQueue) -> None:
     cache = cache_of(store, queue)
-    vecs, status = cache.lookup([1, 2])
+    vecs, status = lookup_sent(cache, [1, 2])
     assert status.tolist() == [OOV, OOV] and status.dtype == np.int8
     assert not vecs.any()
-    cache.lookup([2, 1, 2])  # already queued: not queued again
+    lookup_sent(cache, [2, 1, 2])  # already queued: not queued again
     assert queue.depth() == 2
     w = drain(store, queue)
-    vecs, status = cache.lookup([1, 2, 3])
+    vecs, status = lookup_sent(cache, [1, 2, 3])
     assert status.tolist() == [HIT, HIT, OOV]
     np.testing.assert_array_equal(vecs[:2], embed([1, 2]))
     m = cache.metrics()
     assert (m.lookups, m.keys, m.hits, m.oov_served, m.stale_served, m.enqueued) == (3, 8, 2, 6, 0, 3)
     assert m.keys == m.hits + m.oov_served + m.stale_served
     assert m.hit_rate == pytest.approx(2 / 8)
-    assert m.queue_depth == 1 and m.queue_available and m.last_queue_error is None
+    assert m.queue_depth == 1 and m.queue_available and m.last_queue_error is None and m.outbox == 0
     wm = w.metrics()
     assert (wm.computed, wm.failed, wm.batches) == (2, 0, 1)
     assert 0 < wm.fill_seconds_max < 60 and wm.compute_seconds_total >= 0
-    # the main table is a plain embkv table; versions and fill times live in the sidecar
-    meta, found = store[meta_table_name("t")].get([1, 2])
-    assert found.all() and meta[:, 0].tolist() == [1.0, 1.0]
-    assert abs(meta[0, 1] - time.time()) < 60
+    # the vectors carry the model version and fill time in their row tags
+    _, found, tags = store["t"].get_tagged([1, 2])
+    assert found.all() and [t >> 32 for t in tags.tolist()] == [1, 1]
+    assert abs((int(tags[0]) & 0xFFFFFFFF) - time.time()) < 60
+    # workers report to the queue's shared counters; the cache pushes its own on close
+    shared = cache.metrics().shared
+    assert shared is not None and shared.computed == 2 and shared.fill is not None
+    assert shared.fill.count == 2 and 0 < shared.fill.mean < 60 and shared.compute is not None
+    cache.close()
+    shared = EmbeddingCache(store, "t", SQLiteQueue.beside(store, "t")).metrics().shared
+    assert shared is not None and (shared.lookups, shared.keys, shared.hits, shared.enqueued) == (3, 8, 2, 3)
 
 
 def test_str_keys(store: embkv.Store) -> None:
     store.create_table("s", dim=DIM, key_type="str")
     q = SQLiteQueue.beside(store, "s")
     cache = EmbeddingCache(store, "s", q)
-    assert cache.lookup(["ab", "xyz"])[1].tolist() == [OOV, OOV]
+    assert lookup_sent(cache, ["ab", "xyz"])[1].tolist() == [OOV, OOV]
     Worker(store, "s", embed, q).run(until_idle=True)
     vecs, status = cache.lookup(["ab", "xyz"])
     assert status.tolist() == [HIT, HIT]
@@ -156,6 +174,77 @@ def test_oov_policies(store: embkv.Store, table: embkv.Table, queue: SQLiteQueue
             cache_of(store, queue, oov=bad)
 
 
+def test_oov_mean_samples_a_large_table(store: embkv.Store, queue: SQLiteQueue) -> None:
+    keys = np.arange(250_000)
+    store.load_table("big", keys, np.stack([keys % 2, np.ones(len(keys))], axis=1).astype(np.float32))
+    q = SQLiteQueue.beside(store, "big")
+    cache = EmbeddingCache(store, "big", q, oov="mean")
+    mean = cache.oov_vector()
+    assert abs(mean[0] - 0.5) < 0.01 and mean[1] == 1.0  # 100,000 sampled rows: within 1% of 0.5
+    cache.close()
+
+
+def test_lookup_never_waits_for_a_locked_queue(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    other = sqlite3.connect(queue.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the queue's write lock
+    try:
+        t0 = time.monotonic()
+        for k in range(200):
+            assert cache.lookup([k, k + 1000])[1].tolist() == [OOV, OOV]
+        assert time.monotonic() - t0 < 1.0, "lookups waited for the queue"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # the sender gave the keys back while the lock was held; later misses queue them
+    poll(lambda: (cache.lookup(list(range(200)) + list(range(1000, 1200))), cache.flush(5),
+                  queue.depth() == 400)[-1], 20, "every missed key to be queued once the lock is free")
+    assert cache.metrics().queue_available
+
+
+def test_forked_child_queues_its_own_misses(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    lookup_sent(cache, [1])
+
+    def child() -> int:
+        status = cache.lookup([2, 3])[1].tolist()
+        assert status == [OOV, OOV]
+        assert cache.flush(10)
+        m = cache.metrics()
+        assert (m.lookups, m.keys) == (1, 2), "the parent's counters were copied into the child"
+        return queue.depth()
+
+    status, text = fork_and_run(child)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, text
+    assert text == "3"
+    assert cache.metrics().lookups == 1
+
+
+def test_dropping_a_cache_ends_its_sender_thread(store: embkv.Store, queue: SQLiteQueue) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    cache = cache_of(store, queue)
+    lookup_sent(cache, [1])
+    sender = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("embkv-cache")]
+    assert len(sender) == 1
+    del cache
+    gc.collect()
+    sender[0].join(5)
+    assert not sender[0].is_alive()
+
+
+def test_version_bump_retries_given_up_keys(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    lookup_sent(cache, [3, 4])
+    w = Worker(store, "t", embed_fails_on_multiples_of_3, queue)
+    poll(lambda: (w.run_once(), queue.failures().get(3) is not None and queue.failures()[3].gave_up)[-1],
+         20, "key 3 to be given up")
+    assert queue.depth() == 0
+    cache.bump_model_version()
+    assert queue.depth() == 1  # key 3 is queued again for the new model
+    drain(store, queue, model_version=2)
+    assert cache.lookup([3, 4])[1].tolist() == [HIT, STALE]
+
+
 def test_wait_returns_fresh_values_from_a_running_worker(store: embkv.Store, queue: SQLiteQueue) -> None:
     cache = cache_of(store, queue)
     t = run_in_thread(Worker(store, "t", embed, queue, idle_sleep=0.01))
@@ -177,11 +266,11 @@ def test_wait_returns_fresh_values_from_a_running_worker(store: embkv.Store, que
 @pytest.mark.parametrize("policy", ["serve", "miss"])
 def test_version_bump_makes_old_vectors_stale(store: embkv.Store, queue: SQLiteQueue, policy: str) -> None:
     cache = cache_of(store, queue, stale_policy=policy, model_version=1)
-    cache.lookup([1, 2])
+    lookup_sent(cache, [1, 2])
     drain(store, queue, model_version=1)
     assert cache.lookup([1, 2])[1].tolist() == [HIT, HIT]
     assert cache.bump_model_version() == 2
-    vecs, status = cache.lookup([1, 2])
+    vecs, status = lookup_sent(cache, [1, 2])
     if policy == "serve":
         assert status.tolist() == [STALE, STALE]
         np.testing.assert_array_equal(vecs, embed([1, 2]))  # the old vectors while recomputing
@@ -199,26 +288,26 @@ def test_version_bump_makes_old_vectors_stale(store: embkv.Store, queue: SQLiteQ
 
 
 def test_ttl_expiry(store: embkv.Store, table: embkv.Table, queue: SQLiteQueue) -> None:
-    table.put([1, 2, 3], embed([1, 2, 3]))
-    cache = cache_of(store, queue, ttl=10)  # creates the meta table
     now = time.time()
-    # fill times written directly (no sleeping): key 1 filled 100 s ago, key 2 now, key 3 has no meta row
-    store[meta_table_name("t")].put([1, 2], np.array([[1, now - 100], [1, now]]))
-    vecs, status = cache.lookup([1, 2, 3])
+    # fill times written directly (no sleeping): key 1 filled 100 s ago, key 2 now, key 3 untagged
+    table.put([1, 2, 3], embed([1, 2, 3]), tags=[make_tag(1, now - 100), make_tag(1, now), 0])
+    cache = cache_of(store, queue, ttl=10)
+    vecs, status = lookup_sent(cache, [1, 2, 3])
     assert status.tolist() == [STALE, HIT, HIT]
     np.testing.assert_array_equal(vecs, embed([1, 2, 3]))
     assert cache_of(store, queue, ttl=10, stale_policy="miss").lookup([1])[1].tolist() == [OOV]
     assert cache_of(store, queue).lookup([1])[1].tolist() == [HIT]  # no TTL
     assert queue.depth() == 1
-    with pytest.raises(embkv.SchemaError):
-        cache_of(store, queue, ttl=0)
+    for bad in (0, 0.5, -1):
+        with pytest.raises(embkv.SchemaError, match="ttl"):
+            cache_of(store, queue, ttl=bad)
 
 
 # ---------------------------------------------------------------- bad compute functions
 
 def test_raising_keys_fail_and_retry_others_succeed(store: embkv.Store, queue: SQLiteQueue) -> None:
     cache = cache_of(store, queue)
-    cache.lookup(range(1, 10))
+    lookup_sent(cache, range(1, 10))
     w = Worker(store, "t", embed_fails_on_multiples_of_3, queue, batch=16)
     w.run(until_idle=True)
     status = cache.lookup(range(1, 10))[1]
@@ -245,7 +334,7 @@ def test_raising_keys_fail_and_retry_others_succeed(store: embkv.Store, queue: S
 ])
 def test_wrong_output_is_rejected(store: embkv.Store, queue: SQLiteQueue, compute: Any, error: str) -> None:
     cache = cache_of(store, queue)
-    cache.lookup([1, 2])
+    lookup_sent(cache, [1, 2])
     w = drain(store, queue, compute)
     assert cache.lookup([1, 2])[1].tolist() == [OOV, OOV]
     assert len(store["t"]) == 0
@@ -256,7 +345,7 @@ def test_wrong_output_is_rejected(store: embkv.Store, queue: SQLiteQueue, comput
 
 def test_nan_rows_are_rejected_others_written(store: embkv.Store, queue: SQLiteQueue) -> None:
     cache = cache_of(store, queue)
-    cache.lookup([1, 2, 3, 4])
+    lookup_sent(cache, [1, 2, 3, 4])
     drain(store, queue, embed_nan_on_odd)
     assert cache.lookup([1, 2, 3, 4])[1].tolist() == [OOV, HIT, OOV, HIT]
     failures = queue.failures()
@@ -266,7 +355,7 @@ def test_nan_rows_are_rejected_others_written(store: embkv.Store, queue: SQLiteQ
 def test_overflow_in_float16_is_rejected(store: embkv.Store) -> None:
     store.create_table("h", dim=DIM, dtype="float16")
     q = SQLiteQueue.beside(store, "h")
-    EmbeddingCache(store, "h", q).lookup([1])
+    lookup_sent(EmbeddingCache(store, "h", q), [1])
     Worker(store, "h", embed_huge, q).run(until_idle=True)
     assert "non-finite" in q.failures()[1].error and len(store["h"]) == 0
     q.close()
@@ -276,7 +365,7 @@ def test_overflow_in_float16_is_rejected(store: embkv.Store) -> None:
 
 def test_worker_killed_mid_batch_loses_no_key(store: embkv.Store, store_path: str, queue: SQLiteQueue) -> None:
     cache = cache_of(store, queue)
-    cache.lookup(range(8))
+    lookup_sent(cache, range(8))
     marker = os.path.join(store_path, "marker")
     env = dict(os.environ, PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
                EMBKV_TEST_MARKER=marker)
@@ -326,13 +415,14 @@ def test_redis_down_lookups_still_answer(store: embkv.Store, table: embkv.Table)
     table.put([1], embed([1]))
     q = embkv.RedisStreamQueue(f"redis://127.0.0.1:{free_port()}/0", "t", socket_timeout=0.5)
     cache = EmbeddingCache(store, "t", q, oov=[7, 7, 7, 7])
-    vecs, status = cache.lookup([1, 2])  # no exception
+    t0 = time.monotonic()
+    vecs, status = cache.lookup([1, 2])  # no exception, and no waiting for the dead queue
+    assert time.monotonic() - t0 < 0.2
     assert status.tolist() == [HIT, OOV]
     assert vecs.tolist() == [embed([1])[0].tolist(), [7, 7, 7, 7]]
+    assert cache.flush(10)  # the sender tried, failed and gave the key back
     assert not cache.queue_available
-    t0 = time.monotonic()
-    cache.lookup([3])  # the queue is skipped for a moment instead of timing out again
-    assert time.monotonic() - t0 < 0.4
+    cache.lookup([3])
     m = cache.metrics()
     assert not m.queue_available and m.queue_errors >= 1 and m.queue_depth is None
     assert m.last_queue_error is not None and "QueueUnavailableError" in m.last_queue_error
@@ -343,7 +433,7 @@ def test_redis_down_lookups_still_answer(store: embkv.Store, table: embkv.Table)
 def test_redis_cache_end_to_end(store: embkv.Store, table: embkv.Table, redis_url: str) -> None:
     q = embkv.RedisStreamQueue(redis_url, "t", backoff=0.05)
     cache = EmbeddingCache(store, "t", q)
-    assert cache.lookup([1, 2, 3])[1].tolist() == [OOV] * 3
+    assert lookup_sent(cache, [1, 2, 3])[1].tolist() == [OOV] * 3
     assert cache.metrics().queue_depth == 3
     t = run_in_thread(Worker(store, "t", embed, embkv.RedisStreamQueue(redis_url, "t"), idle_sleep=0.01))
     try:
@@ -358,7 +448,7 @@ def test_redis_cache_end_to_end(store: embkv.Store, table: embkv.Table, redis_ur
 
 def test_cli_worker_until_idle(store: embkv.Store, store_path: str, queue: SQLiteQueue) -> None:
     cache = cache_of(store, queue, model_version=3)
-    cache.lookup([1, 2, 3])
+    lookup_sent(cache, [1, 2, 3])
     env = dict(os.environ, PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-m", "embkv.cli", "worker", store_path, "t", "--compute",
                            "test_cache:embed", "--batch", "2", "--model-version", "3", "--until-idle"],

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,17 @@ import numpy as np
 import pytest
 
 import embkv
-from embkv.queue import QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
+from embkv.queue import (
+    _CLAIM_EXPIRED_SQL,
+    _CLAIM_READY_SQL,
+    _DEPTH_SQL,
+    _LEASE_SQL,
+    QueueUnavailableError,
+    RedisStreamQueue,
+    SQLiteQueue,
+    WorkItem,
+    WorkQueue,
+)
 
 
 def poll(fn: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -92,6 +103,14 @@ def queue(request: pytest.FixtureRequest, store_path: str) -> Iterator[WorkQueue
 
 def keys_of(items: list[WorkItem]) -> list[Any]:
     return sorted(it.key for it in items)
+
+
+def another_handle(q: WorkQueue) -> WorkQueue:
+    """A second queue object on the same file or stream (another process would open the same)."""
+    if isinstance(q, SQLiteQueue):
+        return SQLiteQueue(q.path, q.key_type)
+    assert isinstance(q, RedisStreamQueue)
+    return RedisStreamQueue(q.url, q.name, q.key_type)
 
 
 def test_enqueue_once(queue: WorkQueue) -> None:
@@ -212,19 +231,182 @@ def test_redis_unreachable_raises_queue_unavailable() -> None:
         q.enqueue([1])
     with pytest.raises(ConnectionError):  # also a built-in ConnectionError
         q.depth()
+    with pytest.raises(QueueUnavailableError):
+        q.add_counters({"hits": 1})
+    with pytest.raises(QueueUnavailableError):
+        q.counters()
+    q.add_counters({})  # nothing to add: Redis is not even asked
     q.close()
 
 
-def test_redis_two_consumers_share_the_stream(redis_url: str) -> None:
-    a = RedisStreamQueue(redis_url, "t", consumer="a")
-    b = RedisStreamQueue(redis_url, "t", consumer="b")
-    assert a.enqueue(range(20)) == 20
-    assert b.enqueue(range(20)) == 0
-    got_a, got_b = a.claim(12), b.claim(12)
-    assert len(got_a) == 12 and len(got_b) == 8
-    assert sorted(keys_of(got_a) + keys_of(got_b)) == list(range(20))
-    a.ack(got_a)
-    b.ack(got_b)
-    assert a.depth() == 0
-    a.close()
-    b.close()
+def test_sqlite_unwritable_raises_queue_unavailable(sqlite_queue: SQLiteQueue) -> None:
+    sqlite_queue.enqueue([1])
+    # a read-only connection stands in for a file this process may not write (root ignores chmod)
+    assert sqlite_queue._db is not None
+    sqlite_queue._db.close()
+    sqlite_queue._db = sqlite3.connect(f"file:{sqlite_queue.path}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+    sqlite_queue._conn_pid = os.getpid()
+    assert sqlite_queue.depth() == 1  # reads still work
+    assert sqlite_queue.counters() == {}
+    with pytest.raises(QueueUnavailableError, match="readonly"):
+        sqlite_queue.add_counters({"hits": 1})
+    with pytest.raises(QueueUnavailableError, match="readonly"):
+        sqlite_queue.enqueue([2])
+    with pytest.raises(QueueUnavailableError, match="readonly"):
+        sqlite_queue.claim(1)
+
+
+def test_sqlite_closed_queue_raises_queue_unavailable(sqlite_queue: SQLiteQueue) -> None:
+    sqlite_queue.enqueue([1])
+    sqlite_queue.close()
+    for call in (lambda: sqlite_queue.enqueue([2]), sqlite_queue.depth, lambda: sqlite_queue.claim(1)):
+        with pytest.raises(QueueUnavailableError, match="closed"):
+            call()
+    sqlite_queue.close()  # twice is fine
+
+
+# ---------------------------------------------------------------- claim stays cheap with a big backlog
+
+def _plan(db: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> str:
+    return " | ".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + sql, args))
+
+
+def test_sqlite_claim_and_depth_use_indexes(sqlite_queue: SQLiteQueue) -> None:
+    """claim holds the write lock: it must walk an index to LIMIT rows, not sort the backlog."""
+    sqlite_queue.enqueue(range(2000))
+    db = sqlite3.connect(sqlite_queue.path)
+    db.execute("ANALYZE")  # the plans must hold with statistics too, not only with the defaults
+    now = time.time()
+    plans = {
+        "expired": _plan(db, _CLAIM_EXPIRED_SQL, (now, 64)),
+        "ready": _plan(db, _CLAIM_READY_SQL, (now, 64)),
+        "lease": _plan(db, _LEASE_SQL, (now, "t", 1)),
+        "depth": _plan(db, _DEPTH_SQL, ()),
+    }
+    db.close()
+    assert "USING INDEX items_leased (state=? AND lease_until<?)" in plans["expired"], plans
+    assert "USING INDEX items_ready (state=? AND ready_at<?)" in plans["ready"], plans
+    assert "USING INTEGER PRIMARY KEY (rowid=?)" in plans["lease"], plans
+    assert "SEARCH" in plans["depth"] and "COVERING INDEX" in plans["depth"], plans
+    for name, plan in plans.items():
+        assert "TEMP B-TREE" not in plan and "SCAN" not in plan, (name, plan)
+
+
+def test_sqlite_claim_takes_expired_leases_first(sqlite_queue: SQLiteQueue) -> None:
+    sqlite_queue.enqueue(range(10))
+    dead = sqlite_queue.claim(3, lease_seconds=0.05)  # a worker that dies with keys 0, 1, 2
+    assert keys_of(dead) == [0, 1, 2]
+    live = sqlite_queue.claim(2, lease_seconds=60)
+    assert keys_of(live) == [3, 4]
+    time.sleep(0.1)
+    got = sqlite_queue.claim(4, lease_seconds=60)
+    assert keys_of(got) == [0, 1, 2, 5]  # the dead worker's keys, then the oldest ready one
+    assert sqlite_queue.claim(100, lease_seconds=60) != []  # 6..9 remain
+    assert sqlite_queue.claim(100, lease_seconds=60) == []  # live leases are not handed out twice
+    assert sqlite_queue.depth() == 10
+
+
+def test_sqlite_old_queue_file_is_upgraded(store_path: str) -> None:
+    """A file written before the items_leased index and the counters table opens, and gets both."""
+    os.makedirs(store_path)
+    path = os.path.join(store_path, "old.queue.sqlite")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("""
+        CREATE TABLE items (key PRIMARY KEY, state INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                            ready_at REAL NOT NULL, lease_until REAL, token TEXT, enqueued_at REAL NOT NULL,
+                            error TEXT);
+        CREATE INDEX items_ready ON items(state, ready_at);
+    """)
+    now = time.time()
+    db.executemany("INSERT INTO items VALUES (?, ?, 0, ?, ?, ?, ?, NULL)",
+                   [(1, 1, now - 10, now - 5, "deadworker", now - 10), (2, 0, now, None, None, now)])
+    db.close()
+    q = SQLiteQueue(path, "int64")
+    db = sqlite3.connect(path)
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    assert {"items_leased", "counters"} <= names
+    assert q.depth() == 2
+    assert [it.key for it in q.claim(5)] == [1, 2]  # the expired lease first
+    q.add_counters({"hits": 2})
+    assert q.counters() == {"hits": 2.0}
+    q.close()
+
+
+# ---------------------------------------------------------------- shared counters
+
+def test_counters_add_up_across_queue_objects(queue: WorkQueue) -> None:
+    other = another_handle(queue)
+    assert queue.counters() == {}
+    queue.add_counters({"lookups": 3, "hits": 2.5})
+    other.add_counters({"hits": 0.25, "fill_ms_le_10": 1})
+    queue.add_counters({"lookups": 1})
+    want = {"lookups": 4.0, "hits": 2.75, "fill_ms_le_10": 1.0}
+    assert queue.counters() == want
+    assert other.counters() == want
+    other.add_counters({"hits": -0.75})  # a delta may be negative (a gauge moved down)
+    assert queue.counters()["hits"] == 2.0
+    other.close()
+
+
+def test_counters_empty_deltas_do_nothing(queue: WorkQueue) -> None:
+    queue.add_counters({})
+    assert queue.counters() == {}
+    queue.add_counters({"a": 1})
+    queue.add_counters({})
+    assert queue.counters() == {"a": 1.0}
+
+
+def test_counters_reject_bad_input(queue: WorkQueue) -> None:
+    queue.add_counters({"a": 1})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            queue.add_counters({"b": 1, "a": bad})  # all or nothing: "b" is not added either
+    with pytest.raises(TypeError):
+        queue.add_counters({"": 1})
+    with pytest.raises(TypeError):
+        queue.add_counters({3: 1})  # type: ignore[dict-item]
+    with pytest.raises(TypeError):
+        queue.add_counters({"b": "1"})  # type: ignore[dict-item]
+    assert queue.counters() == {"a": 1.0}
+
+
+def test_counters_are_not_queue_work(queue: WorkQueue) -> None:
+    queue.add_counters({"hits": 5})
+    assert queue.depth() == 0 and queue.claim(10) == [] and queue.failures() == {}
+
+
+def test_sqlite_counters_survive_reopen(sqlite_queue: SQLiteQueue) -> None:
+    sqlite_queue.add_counters({"lookups": 7, "hits": 0.5})
+    sqlite_queue.close()
+    again = SQLiteQueue(sqlite_queue.path, "int64")
+    assert again.counters() == {"lookups": 7.0, "hits": 0.5}
+    again.add_counters({"lookups": 1})
+    assert again.counters() == {"lookups": 8.0, "hits": 0.5}
+    again.close()
+
+
+def _count(path: str, worker: int, rounds: int, barrier: Any, out: Any) -> None:
+    q = SQLiteQueue(path, "int64")
+    barrier.wait()
+    for _ in range(rounds):  # both processes hit the same names at the same time
+        q.add_counters({"lookups": 1, "hits": 0.5, f"only_{worker}": 2})
+    out.put(worker)
+    q.close()
+
+
+def test_sqlite_counters_shared_by_two_processes(sqlite_queue: SQLiteQueue) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    rounds = 200
+    procs = [ctx.Process(target=_count, args=(sqlite_queue.path, w, rounds, barrier, out)) for w in range(2)]
+    for p in procs:
+        p.start()
+    assert sorted(out.get(timeout=60) for _ in procs) == [0, 1]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    # no update lost to a read-modify-write race between the processes
+    assert sqlite_queue.counters() == {"lookups": 2.0 * rounds, "hits": 1.0 * rounds,
+                                       "only_0": 2.0 * rounds, "only_1": 2.0 * rounds}

@@ -25,7 +25,7 @@ See ARCHITECTURE.md for the file format and the concurrency protocol.
 
 from __future__ import annotations
 
-from .cache import HIT, OOV, STALE, CacheMetrics, EmbeddingCache
+from .cache import HIT, OOV, STALE, CacheMetrics, EmbeddingCache, FillMetrics, SharedMetrics
 from .errors import (
     CorruptTableError,
     EmbkvError,
@@ -52,7 +52,7 @@ from .worker import Worker, WorkerMetrics, WorkerProcess, WorkerThread, run_in_p
 
 open = open_store  # `embkv.open(path)` is the documented entry point
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FORMAT_VERSION",
@@ -65,6 +65,7 @@ __all__ = [
     "EmbeddingCache",
     "EmbkvError",
     "FailureInfo",
+    "FillMetrics",
     "FormatVersionError",
     "KeyTypeError",
     "NotATableError",
@@ -74,6 +75,7 @@ __all__ = [
     "RedisStreamQueue",
     "SQLiteQueue",
     "SchemaError",
+    "SharedMetrics",
     "StorageError",
     "Store",
     "StoreNotFoundError",

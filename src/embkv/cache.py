@@ -2,61 +2,140 @@
 
 A lookup answers at once from the table. A key that is missing (or stale: made by an older
 model version, or older than the table's TTL) gets the OOV vector (or, under the serve-stale
-policy, its old vector) and is queued once on a :class:`~embkv.queue.WorkQueue`; workers
-(:mod:`embkv.worker`) compute it and write it back, and a later lookup finds it.
+policy, its old vector) and is handed to a background thread that queues it once on a
+:class:`~embkv.queue.WorkQueue`; workers (:mod:`embkv.worker`) compute it and write it back,
+and a later lookup finds it.
 
-Where versions live: each vector's model version and fill time are kept in a sidecar table
-``<name>.__meta`` of the same store, keyed like the main table, dim 2 float64:
-``[model_version, filled_at_unix]``. Workers write it right after the vectors, in the same
-batch. The main table stays an ordinary embkv table, so plain readers keep working. A row
-without a meta row (loaded by other means) counts as fresh. A worker killed between the two
-writes leaves a new vector with an old (or no) meta row: at worst the key is recomputed once.
+Where versions live: every row of an embkv table carries a tag word (see
+:mod:`embkv.format`). Workers write ``model_version << 32 | fill time`` there together with
+the vector, so one kernel pass returns the vectors and, per key, fresh / missing / stale
+(:meth:`~embkv.Table.get_fresh`); a lookup whose keys are all fresh costs one table read.
+Rows written without a tag (``load_table``, plain ``put``) count as fresh under every model
+version and TTL: they were put there on purpose.
+
+Why misses are queued by a thread: a queue write (a SQLite transaction, a Redis round trip)
+costs 50 us to milliseconds and can block behind another process's lock; the request that
+saw the miss must not pay for it. A lookup only adds the keys it has not sent lately to an
+in-memory outbox (set operations, no per-key Python loop). If the process dies before the
+thread sends them, nothing is lost that matters: the keys are still missing, so the next
+lookup that asks for them queues them again.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import functools
+import os
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
 
 from .errors import SchemaError
+from .format import make_tag
 from .queue import QueueUnavailableError, SQLiteQueue, WorkQueue
 from .store import Store
-from .table import Table, as_int_keys, str_keys_as_list
 
-__all__ = ["HIT", "OOV", "STALE", "CacheMetrics", "EmbeddingCache", "meta_table_name"]
+__all__ = ["HIT", "OOV", "STALE", "CacheMetrics", "EmbeddingCache", "FillMetrics", "SharedMetrics"]
 
 HIT = 0    # the table's vector, made by the current model version and within the TTL
 OOV = 1    # the OOV vector: the key is missing (or stale under stale_policy="miss"); it is queued
 STALE = 2  # the key's old vector (older model version or past the TTL); it is queued for recompute
 
-META_SUFFIX = ".__meta"
 STALE_POLICIES = ("serve", "miss")
-QUEUE_RETRY_SECONDS = 1.0  # after a queue error, lookups skip the queue this long
+QUEUE_RETRY_SECONDS = 1.0  # after a queue error, the sender waits this long before trying again
+LOOKUP_QUEUE_TIMEOUT = 0.05  # seconds the embedded queue's sender waits for another process's lock
+RESEND_AFTER = 10.0  # a key still missing this long after it was sent is sent again (the queue dedups)
+MAX_OUTBOX = 100_000  # keys waiting to be sent; beyond this (queue down for long) new misses are dropped
+SEND_BATCH = 4096  # keys per enqueue call
+METRICS_PUSH_SECONDS = 1.0  # how often this process adds its counters to the queue's shared ones
+MEAN_SAMPLE = 100_000  # rows sampled for oov="mean"
+
+# names of the counters a cache adds to the queue's shared counters (summed over processes)
+LOOKUP_COUNTERS = ("lookups", "keys", "hits", "oov_served", "stale_served", "enqueued")
+# fill-time and compute-time histograms written by workers: upper bounds in seconds
+HISTOGRAM_BOUNDS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, float("inf"))
 
 
-def meta_table_name(name: str) -> str:
-    """Name of the sidecar table holding ``[model_version, filled_at]`` per key of table ``name``."""
-    return name + META_SUFFIX
+def histogram_counter(prefix: str, bound: float) -> str:
+    """Name of the shared counter of observations <= ``bound`` (one bucket, not cumulative)."""
+    return f"{prefix}_le_{bound:g}"
 
 
-def open_meta_table(store: Store, table: Table) -> Table:
-    return store.create_table(meta_table_name(table.name), dim=2, dtype="float64", key_type=table.key_type,
-                              exist_ok=True)
+def histogram_deltas(prefix: str, seconds: list[float]) -> dict[str, float]:
+    """Shared-counter deltas for observations: count, sum and one bucket per observation."""
+    out: dict[str, float] = {f"{prefix}_count": float(len(seconds)), f"{prefix}_seconds": float(sum(seconds))}
+    idx = np.searchsorted(np.array(HISTOGRAM_BOUNDS), np.asarray(seconds, dtype=np.float64), side="left")
+    for i, n in zip(*np.unique(idx, return_counts=True), strict=True):
+        name = histogram_counter(prefix, HISTOGRAM_BOUNDS[int(i)])
+        out[name] = out.get(name, 0.0) + float(n)
+    return out
 
 
-LOOKUP_QUEUE_TIMEOUT = 0.05  # seconds a lookup may wait for the embedded queue's lock
+@dataclasses.dataclass(frozen=True)
+class FillMetrics:
+    """Observations of one kind summed over every worker: count, mean and quantile bounds.
+
+    ``p50`` / ``p99`` are upper bounds of the histogram bucket holding that quantile (buckets:
+    ``HISTOGRAM_BOUNDS``), so they read "at most"; ``mean`` is exact.
+    """
+
+    count: int
+    mean: float
+    p50: float
+    p99: float
+
+    @classmethod
+    def from_counters(cls, counters: dict[str, float], prefix: str) -> FillMetrics | None:
+        count = int(counters.get(f"{prefix}_count", 0))
+        if count <= 0:
+            return None
+        buckets = np.array([counters.get(histogram_counter(prefix, b), 0.0) for b in HISTOGRAM_BOUNDS])
+        cumulative = np.cumsum(buckets)
+
+        def quantile(q: float) -> float:
+            i = int(np.searchsorted(cumulative, q * cumulative[-1], side="left"))
+            return HISTOGRAM_BOUNDS[min(i, len(HISTOGRAM_BOUNDS) - 1)]
+
+        return cls(count, counters.get(f"{prefix}_seconds", 0.0) / count, quantile(0.5), quantile(0.99))
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedMetrics:
+    """Totals over every process and worker using the same queue (pushed every second or so).
+
+    ``fill``: time from a key's first miss to its vector written; ``compute``: seconds per
+    compute call (one batch). Either is None until a worker has reported one.
+    """
+
+    lookups: int
+    keys: int
+    hits: int
+    oov_served: int
+    stale_served: int
+    enqueued: int
+    computed: int
+    failed: int
+    fill: FillMetrics | None
+    compute: FillMetrics | None
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.keys if self.keys else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheMetrics:
-    """A snapshot of one cache object's counters (this process only).
+    """A snapshot of one cache object's counters (this process), plus the shared totals.
 
     ``keys == hits + oov_served + stale_served``. ``queue_depth`` is None when the queue could
     not be asked; ``queue_available`` is False after a failed queue call until one succeeds.
+    ``outbox``: misses waiting for the sender thread. ``shared``: the totals of every process
+    and worker on this queue (None when the queue could not be asked).
     """
 
     lookups: int
@@ -69,22 +148,35 @@ class CacheMetrics:
     queue_available: bool
     queue_depth: int | None
     last_queue_error: str | None
+    outbox: int
+    shared: SharedMetrics | None
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.keys if self.keys else 0.0
 
 
+def _reset_in_child(ref: weakref.ReferenceType[EmbeddingCache]) -> None:
+    cache = ref()
+    if cache is not None:
+        cache._after_fork()
+
+
 class EmbeddingCache:
     """Compute on miss around a table: lookups answer at once; misses are queued for workers.
 
-    ``oov``: the vector served for misses: ``"zeros"``, ``"mean"`` (the mean of the table,
-    recomputed every ``mean_refresh`` seconds) or a ``[dim]`` vector. ``model_version``: the
-    version fresh vectors must carry; older ones are stale, as are vectors older than ``ttl``
-    seconds (None: no TTL). ``stale_policy``: ``"serve"`` returns a stale vector (status STALE)
-    while it is recomputed, ``"miss"`` treats it as a miss (status OOV). ``queue``: defaults to
-    the SQLite queue beside the store. A queue that cannot be reached never fails a lookup:
-    it answers from the table and the OOV vector, and ``metrics().queue_available`` says so.
+    ``oov``: the vector served for misses: ``"zeros"``, ``"mean"`` (the mean of up to
+    100,000 sampled rows, refreshed every ``mean_refresh`` seconds off the request path) or a
+    ``[dim]`` vector. ``model_version``: the version fresh vectors must carry (1..2**31-1);
+    older ones are stale, as are vectors older than ``ttl`` seconds (None: no TTL; fill times
+    are kept in whole seconds, so ``ttl`` is at least 1). ``stale_policy``: ``"serve"``
+    returns a stale vector (status STALE) while it is recomputed, ``"miss"`` treats it as a
+    miss (status OOV). ``queue``: defaults to the SQLite queue beside the store. A queue that
+    cannot be reached never fails a lookup: it answers from the table and the OOV vector, and
+    ``queue_available`` / ``metrics()`` say so.
+
+    Threads and processes: one cache object may serve many threads. A process forked from one
+    that holds a cache gets its own sender thread and counters (the parent's are not copied).
 
     Example::
 
@@ -102,13 +194,13 @@ class EmbeddingCache:
                  mean_refresh: float = 60.0) -> None:
         if stale_policy not in STALE_POLICIES:
             raise SchemaError(f"stale_policy must be one of {STALE_POLICIES}, got {stale_policy!r}")
-        if ttl is not None and not ttl > 0:
-            raise SchemaError(f"ttl must be positive seconds or None, got {ttl!r}")
+        if ttl is not None and not ttl >= 1:
+            raise SchemaError(f"ttl must be at least 1 second (fill times are whole seconds) or None, got {ttl!r}")
+        make_tag(int(model_version), 0)  # validates the version range
         self.store = store
         self.table = store[name]
-        self.meta = open_meta_table(store, self.table)
-        # a lookup must not wait on a queue lock held by a slow or stopped worker: give up after
-        # LOOKUP_QUEUE_TIMEOUT, answer with the OOV vector, and queue the key on a later lookup
+        # the sender must not wait long on a queue lock held by a slow or stopped worker: it
+        # gives up after LOOKUP_QUEUE_TIMEOUT and retries the keys later
         self.queue = queue if queue is not None else SQLiteQueue.beside(store, name,
                                                                         busy_timeout=LOOKUP_QUEUE_TIMEOUT)
         if self.queue.key_type != self.table.key_type:
@@ -117,13 +209,37 @@ class EmbeddingCache:
         self.ttl = ttl
         self.stale_policy = stale_policy
         self.mean_refresh = float(mean_refresh)
-        self._oov_kind, self._oov_vector = self._parse_oov(oov)
-        self._mean_at = -np.inf
+        self._oov_kind, oov_vector = self._parse_oov(oov)
+        self._set_oov(oov_vector)
+        self._mean_at = time.monotonic()
+        self._closed = False
+        self._init_process_state()
+        if self._oov_kind == "mean":
+            self.refresh_mean()
+        os.register_at_fork(after_in_child=functools.partial(_reset_in_child, weakref.ref(self)))
+
+    def _init_process_state(self) -> None:
+        """Locks, counters, outbox and sender thread of this process (fresh after a fork)."""
+        self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._counts = dict(lookups=0, keys=0, hits=0, oov_served=0, stale_served=0, enqueued=0, queue_errors=0)
+        self._wake = threading.Condition(self._lock)
+        self._counts = dict.fromkeys((*LOOKUP_COUNTERS, "queue_errors"), 0)
+        self._pushed = dict.fromkeys(LOOKUP_COUNTERS, 0)
         self._queue_ok = True
         self._queue_error: str | None = None
-        self._queue_retry_at = 0.0
+        self._outbox: collections.deque[Any] = collections.deque()
+        self._sending = 0  # keys taken from the outbox, not yet sent
+        self._sent_recent: set[Any] = set()
+        self._sent_older: set[Any] = set()
+        self._rotated_at = time.monotonic()
+        self._sender: threading.Thread | None = None
+        self._stop = False
+        self._next_push = time.monotonic() + METRICS_PUSH_SECONDS
+
+    def _after_fork(self) -> None:
+        # only the forking thread survives: locks may be held by threads that no longer exist
+        self._init_process_state()
+        self._closed = False
 
     def __repr__(self) -> str:
         return (f"<embkv.EmbeddingCache {self.table.name!r} version={self.model_version} ttl={self.ttl} "
@@ -145,98 +261,202 @@ class EmbeddingCache:
             raise SchemaError(f"oov vector must be finite numbers of shape ({dim},): {exc}") from None
         return "vector", vec.astype(dtype)
 
+    def _set_oov(self, vector: np.ndarray) -> None:
+        # one attribute holds both forms, so a lookup never pairs a new vector with old bytes
+        vec = np.ascontiguousarray(vector, dtype=self.table.dtype)
+        self._oov = (vec, vec.tobytes())
+
     def oov_vector(self) -> np.ndarray:
         """The vector currently served for misses (a copy)."""
-        if self._oov_kind == "mean" and time.monotonic() - self._mean_at >= self.mean_refresh:
-            self.refresh_mean()
-        return self._oov_vector.copy()
+        return self._oov[0].copy()
 
     def refresh_mean(self) -> None:
-        """Recompute the table mean used by ``oov="mean"`` (zeros while the table is empty)."""
-        _keys, vectors = self.table.export()
-        mean = vectors.astype(np.float64).mean(axis=0) if len(vectors) else np.zeros(self.table.dim)
-        self._oov_vector = mean.astype(self.table.dtype)
+        """Recompute the table mean used by ``oov="mean"`` from up to 100,000 sampled rows.
+
+        Zeros while the table is empty. The sender thread calls this every ``mean_refresh``
+        seconds, so lookups never pay for it.
+        """
+        keys = self.table.keys()
+        if len(keys) > MEAN_SAMPLE:
+            pick = np.random.default_rng().choice(len(keys), MEAN_SAMPLE, replace=False)
+            keys = keys[pick] if isinstance(keys, np.ndarray) else [keys[i] for i in pick.tolist()]
+        vectors, found = self.table.get(keys)
+        rows = vectors[found]
+        mean = rows.astype(np.float64).mean(axis=0) if len(rows) else np.zeros(self.table.dim)
+        self._set_oov(mean)
         self._mean_at = time.monotonic()
 
     # ---------------------------------------------------------------- lookups
 
-    def _key_list(self, keys: Any) -> Any:
-        if self.table.key_type == "int64":
-            return as_int_keys(keys)
-        return list(str_keys_as_list(keys))
-
-    def _classify(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
-        vectors, found = self.table.get(keys)
-        meta, has_meta = self.meta.get(keys)
-        status = np.where(found, HIT, OOV).astype(np.int8)
-        old = has_meta & (meta[:, 0] < self.model_version)
-        if self.ttl is not None:
-            old |= has_meta & (meta[:, 1] + self.ttl < time.time())
-        old &= found
-        status[old] = STALE if self.stale_policy == "serve" else OOV
-        return vectors, status
+    def _min_time(self) -> int:
+        return 0 if self.ttl is None else int(time.time() - self.ttl)
 
     def lookup(self, keys: Any, wait: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectors for ``keys`` and a status per key (``HIT``, ``OOV``, ``STALE``; int8 array).
 
-        Never waits for the model: misses get the OOV vector and are queued (once). With
-        ``wait=seconds`` the call polls the table up to that long for the keys not yet fresh
-        and returns whatever is fresh by then. Keys of the wrong type raise ``KeyTypeError``.
+        Never waits for the model or the queue: misses get the OOV vector and are queued
+        (once) by a background thread. With ``wait=seconds`` the call polls the table up to
+        that long for the keys not yet fresh and returns whatever is fresh by then. Keys of
+        the wrong type raise ``KeyTypeError``.
         """
-        klist = self._key_list(keys)
-        vectors, status = self._classify(klist)
-        todo = np.flatnonzero(status != HIT)
-        if len(todo):
-            self._enqueue([klist[i] for i in todo])
-            if wait is not None and wait > 0:
-                self._wait(klist, vectors, status, todo, time.monotonic() + wait)
-        miss = status == OOV
-        if miss.any():
-            vectors[miss] = self.oov_vector()
+        table = self.table
+        klist = table._lookup_keys(keys)
+        vectors, status, fresh = table.get_fresh(klist, self.model_version, self._min_time(), self._oov[1])
         n = len(status)
-        hits, stale = int(np.count_nonzero(status == HIT)), int(np.count_nonzero(status == STALE))
+        if fresh == n:  # every key fresh: the common case stays one table read
+            with self._lock:
+                c = self._counts
+                c["lookups"] += 1
+                c["keys"] += n
+                c["hits"] += n
+            return vectors, status.view(np.int8)
+        return self._with_misses(klist, vectors, status, fresh, wait)
+
+    def _with_misses(self, klist: Any, vectors: np.ndarray, status: np.ndarray, fresh: int,
+                     wait: float | None) -> tuple[np.ndarray, np.ndarray]:
+        todo = np.flatnonzero(status != HIT)
+        self._submit(klist[todo].tolist() if isinstance(klist, np.ndarray) else [klist[i] for i in todo.tolist()])
+        if wait is not None and wait > 0:
+            todo = self._wait(klist, vectors, status, todo, time.monotonic() + wait)
+            fresh = len(status) - len(todo)
+        if self.stale_policy == "miss":
+            stale = status == STALE
+            if stale.any():
+                vectors[stale] = self._oov[0]
+                status[stale] = OOV
+        n = len(status)
+        stale_n = int(np.count_nonzero(status == STALE))
         with self._lock:
             c = self._counts
             c["lookups"] += 1
             c["keys"] += n
-            c["hits"] += hits
-            c["stale_served"] += stale
-            c["oov_served"] += n - hits - stale
-        return vectors, status
+            c["hits"] += fresh
+            c["stale_served"] += stale_n
+            c["oov_served"] += n - fresh - stale_n
+        return vectors, status.view(np.int8)
 
-    def _wait(self, klist: Any, vectors: np.ndarray, status: np.ndarray, todo: np.ndarray, deadline: float) -> None:
+    def _wait(self, klist: Any, vectors: np.ndarray, status: np.ndarray, todo: np.ndarray,
+              deadline: float) -> np.ndarray:
         delay = 0.002
         while len(todo):
             now = time.monotonic()
             if now >= deadline:
-                return
+                break
             time.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 0.05)
-            sub = klist[todo] if isinstance(klist, np.ndarray) else [klist[i] for i in todo]
-            v, s = self._classify(sub)
-            fresh = s == HIT
-            vectors[todo[fresh]] = v[fresh]
-            status[todo[fresh]] = HIT
-            todo = todo[~fresh]
+            sub = klist[todo] if isinstance(klist, np.ndarray) else [klist[i] for i in todo.tolist()]
+            v, s, _ = self.table.get_fresh(sub, self.model_version, self._min_time())
+            now_fresh = s == HIT
+            vectors[todo[now_fresh]] = v[now_fresh]
+            status[todo[now_fresh]] = HIT
+            todo = todo[~now_fresh]
+        return todo
 
-    def _enqueue(self, keys: list[Any]) -> None:
-        if not self._queue_ok and time.monotonic() < self._queue_retry_at:
-            return  # the queue failed a moment ago: do not make every lookup wait for a timeout
+    # ---------------------------------------------------------------- sending misses to the queue
+
+    def _submit(self, keys: list[Any]) -> None:
+        """Hand keys not sent lately to the sender thread (never blocks on the queue)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._rotated_at >= RESEND_AFTER or len(self._sent_recent) > MAX_OUTBOX:
+                # forget keys sent long ago: one still missing is sent again (the queue dedups)
+                self._sent_older, self._sent_recent = self._sent_recent, set()
+                self._rotated_at = now
+            new = set(keys).difference(self._sent_recent, self._sent_older)
+            if not new or self._closed:
+                return
+            room = MAX_OUTBOX - len(self._outbox)
+            if room <= 0:
+                return  # the queue has been down a while: these keys are queued on a later miss
+            if len(new) > room:
+                new = set(list(new)[:room])
+            self._sent_recent |= new
+            self._outbox.extend(new)
+            self._ensure_sender()
+            self._wake.notify()
+
+    def _ensure_sender(self) -> None:
+        """Start the sender thread of this process if it is not running. Lock held."""
+        if self._sender is None or not self._sender.is_alive():
+            self._stop = False
+            # the thread holds the cache weakly, so dropping the cache ends the thread
+            self._sender = threading.Thread(target=_sender_main, args=(weakref.ref(self),),
+                                            name=f"embkv-cache-{self.table.name}", daemon=True)
+            self._sender.start()
+
+    def _send_step(self) -> bool:
+        """One round of the sender thread: wait for misses (or the next counter push), send them.
+
+        Returns False when the thread should end (closed, and nothing left to send).
+        """
+        with self._lock:
+            if not self._outbox and not self._stop:
+                self._wake.wait(timeout=max(0.0, self._next_push - time.monotonic()))
+            batch = [self._outbox.popleft() for _ in range(min(SEND_BATCH, len(self._outbox)))]
+            self._sending = len(batch)
+            stop = self._stop
+        if batch:
+            self._send(batch)
+        now = time.monotonic()
+        if now >= self._next_push or stop:
+            self._push_counters()
+            self._next_push = now + METRICS_PUSH_SECONDS
+            if self._oov_kind == "mean" and now - self._mean_at >= self.mean_refresh:
+                with contextlib.suppress(Exception):  # a failed refresh keeps the previous mean
+                    self.refresh_mean()
+        return not (stop and not batch)
+
+    def _send(self, batch: list[Any]) -> None:
         try:
-            added = self.queue.enqueue(keys)
+            added = self.queue.enqueue(batch)
         except QueueUnavailableError as exc:
-            self._queue_down(exc)
+            with self._lock:
+                self._sending = 0
+                self._queue_failed(exc)
+                # not sent: let the next lookup of these keys submit them again
+                self._sent_recent.difference_update(batch)
+                self._sent_older.difference_update(batch)
+                self._wake.notify_all()
+            time.sleep(QUEUE_RETRY_SECONDS)
             return
         with self._lock:
+            self._sending = 0
             self._counts["enqueued"] += added
             self._queue_ok, self._queue_error = True, None
+            self._wake.notify_all()
 
-    def _queue_down(self, exc: Exception) -> None:
+    def _queue_failed(self, exc: Exception) -> None:
+        """Record a failed queue call. Lock held."""
+        self._counts["queue_errors"] += 1
+        self._queue_ok = False
+        self._queue_error = f"{type(exc).__name__}: {exc}"
+
+    def _push_counters(self) -> None:
+        """Add what this process counted since the last push to the queue's shared counters."""
         with self._lock:
-            self._counts["queue_errors"] += 1
-            self._queue_ok = False
-            self._queue_error = f"{type(exc).__name__}: {exc}"
-            self._queue_retry_at = time.monotonic() + QUEUE_RETRY_SECONDS
+            deltas = {k: self._counts[k] - self._pushed[k] for k in LOOKUP_COUNTERS}
+            deltas = {k: v for k, v in deltas.items() if v}
+        if not deltas:
+            return
+        try:
+            self.queue.add_counters({k: float(v) for k, v in deltas.items()})
+        except QueueUnavailableError:
+            return  # pushed later, with what is counted by then
+        with self._lock:
+            for k, v in deltas.items():
+                self._pushed[k] += v
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the misses seen so far were handed to the queue (or failed); True if so."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._outbox or self._sending:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._sender is None or not self._sender.is_alive():
+                    return False
+                self._wake.notify_all()
+                self._wake.wait(timeout=min(left, 0.05))
+        return True
 
     @property
     def queue_available(self) -> bool:
@@ -248,27 +468,85 @@ class EmbeddingCache:
     def bump_model_version(self, version: int | None = None) -> int:
         """Make vectors of older versions stale (this cache object); returns the new version.
 
+        Keys the queue gave up on are queued again: the new model may well compute them.
         Workers must be started with the same version to write fresh vectors.
         """
-        self.model_version = self.model_version + 1 if version is None else int(version)
+        new = self.model_version + 1 if version is None else int(version)
+        make_tag(new, 0)
+        self.model_version = new
+        with self._lock:  # keys sent for the old version must be sent again when they miss
+            self._sent_recent, self._sent_older = set(), set()
+        try:
+            self.queue.retry_failed()
+        except QueueUnavailableError as exc:
+            with self._lock:
+                self._queue_failed(exc)
         return self.model_version
 
     def metrics(self) -> CacheMetrics:
-        """A snapshot of the counters, with the queue depth asked now."""
+        """A snapshot of this process's counters, the queue depth and the shared totals, asked now."""
         depth: int | None = None
-        if self._queue_ok or time.monotonic() >= self._queue_retry_at:
-            try:
-                depth = self.queue.depth()
+        shared: SharedMetrics | None = None
+        try:
+            depth = self.queue.depth()
+            shared = _shared_metrics(self.queue.counters())
+            with self._lock:
                 self._queue_ok, self._queue_error = True, None
-            except QueueUnavailableError as exc:
-                self._queue_down(exc)
+        except QueueUnavailableError as exc:
+            with self._lock:
+                self._queue_failed(exc)
         with self._lock:
             c = self._counts
             return CacheMetrics(lookups=c["lookups"], keys=c["keys"], hits=c["hits"], oov_served=c["oov_served"],
                                 stale_served=c["stale_served"], enqueued=c["enqueued"],
                                 queue_errors=c["queue_errors"], queue_available=self._queue_ok,
-                                queue_depth=depth, last_queue_error=self._queue_error)
+                                queue_depth=depth, last_queue_error=self._queue_error,
+                                outbox=len(self._outbox) + self._sending, shared=shared)
 
-    def close(self) -> None:
-        """Close the queue connection (the store and tables belong to the caller)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is waiting (up to ``timeout``), push the counters, stop the sender, close the queue.
+
+        The store and tables belong to the caller.
+        """
+        self.flush(timeout)
+        with self._lock:
+            self._closed = True
+            self._stop = True
+            self._wake.notify_all()
+            sender = self._sender
+        if sender is not None and sender.is_alive() and self._pid == os.getpid():
+            sender.join(timeout)
+        else:
+            self._push_counters()
         self.queue.close()
+
+    def __enter__(self) -> EmbeddingCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sender_main(ref: weakref.ReferenceType[EmbeddingCache]) -> None:
+    while True:
+        cache = ref()
+        if cache is None or not cache._send_step():
+            return
+        del cache  # between rounds only the weak reference remains
+
+
+def _shared_metrics(counters: dict[str, float]) -> SharedMetrics:
+    def get(name: str) -> int:
+        return int(counters.get(name, 0))
+
+    return SharedMetrics(lookups=get("lookups"), keys=get("keys"), hits=get("hits"),
+                         oov_served=get("oov_served"), stale_served=get("stale_served"),
+                         enqueued=get("enqueued"), computed=get("computed"), failed=get("failed"),
+                         fill=FillMetrics.from_counters(counters, "fill"),
+                         compute=FillMetrics.from_counters(counters, "compute"))
+
+
+def fill_tag(model_version: int, filled_at: float | None = None) -> int:
+    """The row tag a worker writes: ``model_version`` and the fill time (now by default)."""
+    return make_tag(model_version, time.time() if filled_at is None else filled_at)
+

@@ -14,6 +14,12 @@ A :class:`WorkQueue` holds keys whose vectors must be (re)computed. Its contract
   queued again until ``retry_failed()``.
 - a queue that cannot be reached raises :class:`QueueUnavailableError` from every call.
 
+Besides the work, a queue carries **shared counters**: ``add_counters({"hits": 3.0})`` adds to
+named totals that every process and host using the queue sees with ``counters()``. They hold
+metrics that no single process can know alone (lookups and hits served by every cache process,
+fill-time histograms written by workers); they are not part of the work contract above, and
+nothing in the queue reads them.
+
 :class:`SQLiteQueue` is the embedded default (one file beside the store, WAL mode, safe across
 processes, survives a restart); :class:`RedisStreamQueue` uses a Redis stream with a consumer
 group. Another broker (Kafka) fits by implementing the abstract methods of :class:`WorkQueue`.
@@ -24,13 +30,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sqlite3
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .errors import EmbkvError, KeyTypeError
@@ -91,6 +98,22 @@ def normalize_keys(keys: Iterable[Any], key_type: str) -> list[Key]:
     return out
 
 
+def check_deltas(deltas: Mapping[str, float]) -> list[tuple[str, float]]:
+    """``(name, delta)`` pairs of a counter update; TypeError/ValueError for a bad name or a non-finite delta."""
+    out: list[tuple[str, float]] = []
+    for name, delta in deltas.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"counter names must be non-empty str, got {name!r}")
+        if isinstance(delta, (str, bytes)):  # float() would parse "3": a caller's mistake, not a number
+            raise TypeError(f"counter {name!r}: delta must be a number, got {delta!r}")
+        value = float(delta)
+        # a NaN or inf would poison the shared total for every process, for good
+        if not math.isfinite(value):
+            raise ValueError(f"counter {name!r}: delta must be finite, got {value}")
+        out.append((name, value))
+    return out
+
+
 class WorkQueue(ABC):
     """Interface of a queue of keys to compute (see the module docstring for the contract)."""
 
@@ -131,6 +154,16 @@ class WorkQueue(ABC):
     def retry_failed(self) -> int:
         """Queue the given-up keys again with a fresh attempt count; returns how many."""
 
+    @abstractmethod
+    def add_counters(self, deltas: Mapping[str, float]) -> None:
+        """Add each delta to its named counter shared by every user of the queue, all in one
+        atomic update; a name not seen before starts at 0. An empty mapping does nothing (and
+        does not reach the backend). Raises ValueError for a non-finite delta."""
+
+    @abstractmethod
+    def counters(self) -> dict[str, float]:
+        """The current totals of the shared counters (a name never added to is absent)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -157,7 +190,28 @@ CREATE TABLE IF NOT EXISTS items (
     error          TEXT
 );
 CREATE INDEX IF NOT EXISTS items_ready ON items(state, ready_at);
+CREATE INDEX IF NOT EXISTS items_leased ON items(state, lease_until);
+CREATE TABLE IF NOT EXISTS counters (
+    name           TEXT PRIMARY KEY,
+    value          REAL NOT NULL
+);
 """
+
+# claim takes expired leases first, then ready keys: two queries that each walk one index in
+# order and stop after LIMIT rows. One query with "(ready) OR (expired)" cannot: SQLite unions
+# two index searches and sorts every match in a temp b-tree, the whole backlog, while holding
+# the write lock that other processes' enqueues wait for.
+_CLAIM_EXPIRED_SQL = ("SELECT rowid, key, attempts, enqueued_at FROM items "
+                      "WHERE state = 1 AND lease_until < ? ORDER BY lease_until LIMIT ?")
+_CLAIM_READY_SQL = ("SELECT rowid, key, attempts, enqueued_at FROM items "
+                    "WHERE state = 0 AND ready_at <= ? ORDER BY ready_at LIMIT ?")
+# by rowid: the row directly, without a lookup in the key's index first
+_LEASE_SQL = "UPDATE items SET state = 1, lease_until = ?, token = ? WHERE rowid = ?"
+# state leads both indexes: the count walks index entries of pending keys, not the table's rows
+# nor the given-up keys (which pile up until retry_failed)
+_DEPTH_SQL = "SELECT COUNT(*) FROM items WHERE state IN (0, 1)"
+_ADD_COUNTER_SQL = ("INSERT INTO counters(name, value) VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
 
 
 class SQLiteQueue(WorkQueue):
@@ -178,9 +232,9 @@ class SQLiteQueue(WorkQueue):
         self._lock = threading.Lock()
         self._conn_pid = -1
         self._db: sqlite3.Connection | None = None
-        db = self._connection()
+        self._closed = False
         try:
-            with self._lock:
+            with self._locked() as db:
                 db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
@@ -194,38 +248,60 @@ class SQLiteQueue(WorkQueue):
     def __repr__(self) -> str:
         return f"<embkv.SQLiteQueue {self.path!r} keys={self.key_type}>"
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None or self._conn_pid != os.getpid():  # a connection must not cross a fork
-            try:
-                db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                     check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.Error as exc:
-                raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
-            self._db, self._conn_pid = db, os.getpid()
-            self._lock = threading.Lock()
-        return self._db
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """This process's connection, used by one thread at a time.
+
+        The lock covers opening and closing too: sqlite3 crashes (not raises) when a
+        connection is closed while another thread is inside a call on it.
+        """
+        if self._conn_pid != os.getpid():
+            # a connection must not cross a fork, and a lock copied by fork may be held by a
+            # thread that does not exist here: start both afresh (the parent's stay the parent's)
+            self._lock, self._db, self._conn_pid = threading.Lock(), None, os.getpid()
+        with self._lock:
+            if self._closed:
+                raise QueueUnavailableError(f"queue {self.path}: closed")
+            if self._db is None:
+                try:
+                    db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                         check_same_thread=False)
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
+                except sqlite3.Error as exc:
+                    raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
+                self._db = db
+            yield self._db
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
-        with self._lock:
+        with self._locked() as db:
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
             try:
                 yield db
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):  # I/O error, disk full, read-only file
+                    raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
                 raise
             try:
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
+                raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """For a single SELECT: no write lock (WAL readers do not block writers, nor wait for them)."""
+        with self._locked() as db:
+            try:
+                yield db
+            except sqlite3.OperationalError as exc:
                 raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
 
     def enqueue(self, keys: Iterable[Any]) -> int:
@@ -245,12 +321,12 @@ class SQLiteQueue(WorkQueue):
         now = time.time()
         token = uuid.uuid4().hex
         with self._tx() as db:
-            rows = db.execute(
-                "SELECT key, attempts, enqueued_at FROM items WHERE (state = 0 AND ready_at <= ?) "
-                "OR (state = 1 AND lease_until < ?) ORDER BY ready_at LIMIT ?", (now, now, int(n))).fetchall()
-            db.executemany("UPDATE items SET state = 1, lease_until = ?, token = ? WHERE key = ?",
-                           [(now + lease_seconds, token, r[0]) for r in rows])
-        return [WorkItem(r[0], int(r[1]), float(r[2]), token) for r in rows]
+            # keys of dead workers first: they have waited longest
+            rows = db.execute(_CLAIM_EXPIRED_SQL, (now, int(n))).fetchall()
+            if len(rows) < n:
+                rows += db.execute(_CLAIM_READY_SQL, (now, int(n) - len(rows))).fetchall()
+            db.executemany(_LEASE_SQL, [(now + lease_seconds, token, r[0]) for r in rows])
+        return [WorkItem(r[1], int(r[2]), float(r[3]), token) for r in rows]
 
     def ack(self, items: Iterable[WorkItem]) -> None:
         pairs = [(it.key, it.token) for it in items]
@@ -270,11 +346,13 @@ class SQLiteQueue(WorkQueue):
         return retry
 
     def depth(self) -> int:
-        with self._tx() as db:
-            return int(db.execute("SELECT COUNT(*) FROM items WHERE state != 2").fetchone()[0])
+        with self._read() as db:
+            # fetchall: the statement is done, its read snapshot does not hold back checkpoints
+            ((count,),) = db.execute(_DEPTH_SQL).fetchall()
+        return int(count)
 
     def failures(self) -> dict[Key, FailureInfo]:
-        with self._tx() as db:
+        with self._read() as db:
             rows = db.execute("SELECT key, attempts, error, state FROM items WHERE error IS NOT NULL").fetchall()
         return {r[0]: FailureInfo(int(r[1]), str(r[2]), r[3] == _DEAD) for r in rows}
 
@@ -284,11 +362,29 @@ class SQLiteQueue(WorkQueue):
                              (time.time(),))
             return int(cur.rowcount)
 
+    def add_counters(self, deltas: Mapping[str, float]) -> None:
+        pairs = check_deltas(deltas)
+        if not pairs:
+            return
+        with self._tx() as db:
+            db.executemany(_ADD_COUNTER_SQL, pairs)
+
+    def counters(self) -> dict[str, float]:
+        with self._read() as db:
+            rows = db.execute("SELECT name, value FROM counters").fetchall()
+        return {str(r[0]): float(r[1]) for r in rows}
+
     def close(self) -> None:
-        if self._db is not None and self._conn_pid == os.getpid():
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
-        self._db = None
+        """Close this process's connection; later calls raise QueueUnavailableError."""
+        if self._conn_pid != os.getpid():
+            self._closed = True  # the parent's connection is the parent's to close
+            return
+        with self._lock:
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+            self._db = None
+            self._closed = True
 
 
 # -------------------------------------------------------------------- Redis Streams
@@ -323,10 +419,11 @@ class RedisStreamQueue(WorkQueue):
     Keys live in the stream ``embkv:<name>:stream``; the set ``embkv:<name>:pending`` makes
     enqueue-once atomic (a Lua script adds a key to the stream only if the set did not hold it);
     retries wait in the sorted set ``embkv:<name>:delayed``; errors are kept in the hash
-    ``embkv:<name>:errors`` and given-up keys in ``embkv:<name>:dead``. A message leased longer
-    than ``lease_seconds`` is taken over by the next ``claim`` (XAUTOCLAIM): at-least-once. Unlike
-    SQLite, where the claimer sets its lease's length, here the lease that counts is the
-    ``lease_seconds`` of the worker taking over (XAUTOCLAIM's min-idle): give workers one value.
+    ``embkv:<name>:errors`` and given-up keys in ``embkv:<name>:dead``; the shared counters are
+    the hash ``embkv:<name>:counters``. A message leased longer than ``lease_seconds`` is taken
+    over by the next ``claim`` (XAUTOCLAIM): at-least-once. Unlike SQLite, where the claimer sets
+    its lease's length, here the lease that counts is the ``lease_seconds`` of the worker taking
+    over (XAUTOCLAIM's min-idle): give workers one value.
     Needs ``redis`` (``pip install embkv[redis]``).
     """
 
@@ -351,6 +448,7 @@ class RedisStreamQueue(WorkQueue):
         base = f"embkv:{name}"
         self._stream, self._pending, self._delayed = f"{base}:stream", f"{base}:pending", f"{base}:delayed"
         self._errors, self._dead, self._group = f"{base}:errors", f"{base}:dead", "workers"
+        self._counters = f"{base}:counters"
         self._group_ready = False
         with contextlib.suppress(QueueUnavailableError):
             self._ensure_group()
@@ -475,6 +573,21 @@ class RedisStreamQueue(WorkQueue):
             pipe.hdel(self._errors, *dead)
             pipe.execute()
         return len(dead)
+
+    def add_counters(self, deltas: Mapping[str, float]) -> None:
+        pairs = check_deltas(deltas)
+        if not pairs:
+            return
+        with self._calls() as r:
+            pipe = r.pipeline(transaction=True)  # MULTI/EXEC: no reader sees half of one update
+            for name, delta in pairs:
+                pipe.hincrbyfloat(self._counters, name, delta)
+            pipe.execute()
+
+    def counters(self) -> dict[str, float]:
+        with self._calls() as r:
+            raw = r.hgetall(self._counters)
+        return {(k.decode() if isinstance(k, bytes) else str(k)): float(v) for k, v in raw.items()}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -306,8 +306,9 @@ class Table:
         """Look up a batch of keys.
 
         Returns ``(vectors, found)``: ``vectors`` is a new ``[B, dim]`` array of the table's dtype,
-        ``found`` a bool ``[B]``. Missing rows hold ``default`` (a scalar or a ``[dim]`` vector;
-        zeros if None). A reader never sees a torn vector: each row is the old or the new one.
+        ``found`` a bool ``[B]``. Missing rows hold ``default`` (a scalar, a ``[dim]`` vector,
+        or its raw bytes as ``vector.astype(table.dtype).tobytes()``; zeros if None). A reader
+        never sees a torn vector: each row is the old or the new one.
         """
         k = self._lookup_keys(keys)
         out = np.empty((len(k), self.dim), dtype=self.dtype)
@@ -382,6 +383,8 @@ class Table:
                 return -1
 
     def _default_bytes(self, default: Any) -> bytes:
+        if type(default) is bytes and len(default) == self.dim * self.dtype.itemsize:
+            return default  # already the raw row (callers on a hot path keep it ready)
         try:
             given = np.asarray(default)
             if given.dtype.kind not in "fiu":

@@ -3,8 +3,10 @@
 A :class:`Worker` loops: ``claim`` a batch from the :class:`~embkv.queue.WorkQueue` (leased for
 ``lease_seconds``), call the compute function with the list of keys, check what it returned
 (an array of shape ``[B, dim]``, real numbers castable to the table's dtype, finite after the
-cast), write the good rows to the table and their ``[model_version, filled_at]`` to the meta
-table (see :mod:`embkv.cache`), then ``ack`` them. Bad rows are failed with a clear error and
+cast), write the good rows to the table, each tagged with ``model_version`` and the fill time
+(see :mod:`embkv.cache`), in one batch, then ``ack`` them. Fill times (first miss to vector
+written) and compute times go to the queue's shared counters as histograms, so a cache's
+``metrics().shared`` sees every worker. Bad rows are failed with a clear error and
 retried with backoff. A compute function that raises for a batch is called again key by key,
 so one bad key fails alone. A worker killed mid-batch acks nothing: its lease runs out and
 another worker takes the keys (at-least-once).
@@ -29,9 +31,9 @@ from typing import Any, cast
 
 import numpy as np
 
-from .cache import open_meta_table
+from .cache import fill_tag, histogram_deltas
 from .errors import EmbkvError, SchemaError
-from .queue import Key, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
+from .queue import Key, QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
 from .store import Store, open_store
 
 __all__ = ["Worker", "WorkerMetrics", "WorkerProcess", "WorkerThread", "load_compute", "open_queue",
@@ -101,9 +103,9 @@ class Worker:
             raise SchemaError(f"batch must be >= 1, got {batch}")
         self.store = store
         self.table = store[name]
-        self.meta = open_meta_table(store, self.table)
         self.compute = load_compute(compute)
         self.queue = queue if queue is not None else SQLiteQueue.beside(store, name)
+        fill_tag(int(model_version))  # validates the version range
         self.model_version = int(model_version)
         self.batch = int(batch)
         self.lease_seconds = float(lease_seconds)
@@ -173,13 +175,14 @@ class Worker:
             keys = [it.key for it in good]
             k: Any = np.array(keys, dtype=np.int64) if self.table.key_type == "int64" else keys
             now = time.time()
-            self.table.put(k, np.stack(rows))  # vectors first: a crash before the meta only recomputes
-            self.meta.put(k, np.tile(np.array([self.model_version, now], dtype=np.float64), (len(good), 1)))
+            self.table.put(k, np.stack(rows), tags=fill_tag(self.model_version, now))
             self.queue.ack(good)
             fills = [max(0.0, now - it.enqueued_at) for it in good]
             self._m["computed"] += len(good)
             self._m["fill_seconds_total"] += sum(fills)
             self._m["fill_seconds_max"] = max(self._m["fill_seconds_max"], *fills)
+        else:
+            fills = []
         for it, error in bad:
             if self.queue.fail(it, error):
                 self._m["retried"] += 1
@@ -190,7 +193,17 @@ class Worker:
         self._m["batches"] += 1
         self._m["compute_seconds_total"] += elapsed
         self._m["compute_seconds_max"] = max(self._m["compute_seconds_max"], elapsed)
+        self._report(fills, elapsed, len(good), len(bad))
         return len(items)
+
+    def _report(self, fills: list[float], compute_seconds: float, computed: int, failed: int) -> None:
+        """Add this batch to the queue's shared counters; metrics are best effort, the work is done."""
+        deltas = {**histogram_deltas("fill", fills), **histogram_deltas("compute", [compute_seconds]),
+                  "computed": float(computed), "failed": float(failed)}
+        try:
+            self.queue.add_counters({k: v for k, v in deltas.items() if v})
+        except QueueUnavailableError as exc:
+            self._m["last_error"] = f"{type(exc).__name__}: {exc}"
 
     def run(self, *, until_idle: bool = False) -> None:
         """Process batches until :meth:`stop` (or, with ``until_idle``, until nothing is ready).
