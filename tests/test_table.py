@@ -637,17 +637,29 @@ def test_tags_survive_reopen_and_copy(store, store_path):
         assert again["t2"].get_tagged([2, 1])[2].tolist() == [22, 11]
 
 
-def test_get_fresh_classifies_by_version_and_time(store):
+def test_get_fresh_classifies_by_version_and_age(store):
+    import time
+
     from embkv.format import make_tag
 
+    now = time.time()
     t = store.create_table("t", dim=2)
-    t.put([1, 2, 3, 4], np.ones((4, 2)), tags=[make_tag(1, 100), make_tag(2, 100), make_tag(2, 300), 0])
-    vectors, status, fresh = t.get_fresh([1, 2, 3, 4, 5], min_version=2, min_time=200, default=7.0)
+    t.put([1, 2, 3, 4], np.ones((4, 2)), tags=[make_tag(1, now), make_tag(2, now - 1000), make_tag(2, now), 0])
+    stats = np.zeros(4, dtype=np.int64)
+    vectors, status, fresh = t.get_fresh([1, 2, 3, 4, 5], min_version=2, max_age=100, default=7.0, stats=stats)
+    assert status.dtype == np.int8
     assert status.tolist() == [embkv.STALE, embkv.STALE, embkv.HIT, embkv.HIT, embkv.OOV]
-    assert fresh == 2
+    assert fresh == 2 and stats.tolist() == [1, 5, 2, 2]  # calls, keys, fresh, stale
     assert vectors[:4].tolist() == [[1, 1]] * 4 and vectors[4].tolist() == [7, 7]
-    assert t.get_fresh([1, 2], min_version=1)[1].tolist() == [embkv.HIT, embkv.HIT]
+    vectors, status, fresh = t.get_fresh([1, 2, 3], min_version=2, max_age=100, default=7.0, stats=stats,
+                                         stale_as_miss=True)
+    assert status.tolist() == [embkv.OOV, embkv.OOV, embkv.HIT] and fresh == 1
+    assert vectors.tolist() == [[7, 7], [7, 7], [1, 1]]
+    assert stats.tolist() == [2, 8, 3, 2]
+    assert t.get_fresh([1, 2], min_version=1)[1].tolist() == [embkv.HIT, embkv.HIT]  # no age limit
     assert t.get_fresh([], min_version=1)[2] == 0
+    with pytest.raises(ValueError):
+        t.get_fresh([1], min_version=1, stats=np.zeros(3, dtype=np.int64))
 
 
 @pytest.mark.parametrize("tags", [[-1, 0], [1.5, 2.0], [1, 2, 3], [[1], [2]], ["a", "b"], [True, False]])

@@ -19,6 +19,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <time.h>
 #include <stdint.h>
 #include <string.h>
 #include <sched.h>
@@ -416,7 +417,9 @@ typedef struct {
     PyObject *default_o;      /* vector bytes written for misses, or None for zeros */
     PyObject *tags_o;         /* None, or a writable buffer of n u64: each row's tag (0 for misses) */
     long long min_version;    /* < 0: found[i] is 1/0 (hit/miss); >= 0: found[i] is a freshness status */
-    unsigned long long min_time;
+    unsigned long long max_age; /* classifying: rows filled more than this many seconds ago are stale (0: no limit) */
+    PyObject *stats_o;        /* None, or a writable int64[4]: calls, keys, fresh, stale are added to it */
+    int stale_as_miss;        /* classifying: report stale rows as misses, holding the default vector */
 } get_opts_t;
 
 /* freshness status written to found[] when min_version >= 0 (embkv.cache HIT / OOV / STALE) */
@@ -424,7 +427,13 @@ typedef struct {
 #define S_MISS 1
 #define S_STALE 2
 
-/* a row is fresh when untagged (tag 0) or its tag says version >= min_version, made at >= min_time */
+/* the stats buffer of a classifying get; added to with the GIL held, so threads never lose counts */
+#define ST_CALLS 0
+#define ST_KEYS 1
+#define ST_FRESH 2
+#define ST_STALE 3
+
+/* a row is fresh when untagged (tag 0) or its tag says version >= min_version, filled at >= min_time */
 static inline uint8_t tag_status(uint64_t tag, uint64_t min_version, uint64_t min_time)
 {
     if (tag == 0 || ((tag >> 32) >= min_version && (tag & 0xFFFFFFFFULL) >= min_time))
@@ -432,15 +441,20 @@ static inline uint8_t tag_status(uint64_t tag, uint64_t min_version, uint64_t mi
     return S_STALE;
 }
 
-/* get(keys..., out, found, default[, tags, min_version, min_time]) -> number found (fresh when
- * classifying), or -1 when the file was superseded */
+/* get(keys..., out, found, default[, tags, min_version, max_age, stats, stale_as_miss]) -> number found
+ * (fresh when classifying), or -1 when the file was superseded */
 static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_t *sk, uint64_t n, PyObject *out_o,
                         PyObject *found_o, const get_opts_t *opt)
 {
-    Py_buffer out = {0}, found = {0}, dflt = {0}, tagb = {0};
+    Py_buffer out = {0}, found = {0}, dflt = {0}, tagb = {0}, statb = {0};
     int have_out = out_o != Py_None, have_dflt = opt->default_o != Py_None, have_tags = opt->tags_o != Py_None;
+    int have_stats = opt->stats_o != Py_None;
     int classify = opt->min_version >= 0;
-    uint64_t min_version = classify ? (uint64_t)opt->min_version : 0, min_time = opt->min_time;
+    uint64_t min_version = classify ? (uint64_t)opt->min_version : 0, min_time = 0, stale = 0;
+    if (classify && opt->max_age) {
+        uint64_t now = (uint64_t)time(NULL);
+        min_time = now > opt->max_age ? now - opt->max_age : 0;
+    }
     PyObject *res = NULL;
     if (have_out && PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0)
         return NULL;
@@ -450,8 +464,11 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
         goto done_found;
     if (have_tags && PyObject_GetBuffer(opt->tags_o, &tagb, PyBUF_WRITABLE) < 0)
         goto done_dflt;
+    if (have_stats && PyObject_GetBuffer(opt->stats_o, &statb, PyBUF_WRITABLE) < 0)
+        goto done_tags;
     if ((have_out && (uint64_t)out.len != n * self->vec_bytes) || (uint64_t)found.len != n ||
-        (have_dflt && (uint64_t)dflt.len != self->vec_bytes) || (have_tags && (uint64_t)tagb.len != 8 * n)) {
+        (have_dflt && (uint64_t)dflt.len != self->vec_bytes) || (have_tags && (uint64_t)tagb.len != 8 * n) ||
+        (have_stats && statb.len != 4 * 8)) {
         PyErr_SetString(PyExc_ValueError, "output buffers do not match the batch");
         goto done_all;
     }
@@ -521,6 +538,14 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
                 tags[i] = r ? tag : 0;
             if (classify) {
                 uint8_t st = r ? tag_status(tag, min_version, min_time) : S_MISS;
+                if (st == S_STALE) {
+                    if (opt->stale_as_miss) {
+                        st = S_MISS;
+                        r = 0; /* below: the row gets the default vector */
+                    } else {
+                        stale++;
+                    }
+                }
                 f[i] = st;
                 hits += st == S_FRESH;
             } else {
@@ -537,11 +562,22 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
     }
     if (release)
         PyEval_RestoreThread(ts);
-    if (code < 0)
+    if (code < 0) {
         raise_code(code, bad_i);
-    else
+    } else {
+        if (have_stats) {
+            int64_t *st = (int64_t *)statb.buf;
+            st[ST_CALLS] += 1;
+            st[ST_KEYS] += (int64_t)n;
+            st[ST_FRESH] += (int64_t)hits;
+            st[ST_STALE] += (int64_t)stale;
+        }
         res = PyLong_FromUnsignedLongLong(hits);
+    }
 done_all:
+    if (have_stats)
+        PyBuffer_Release(&statb);
+done_tags:
     if (have_tags)
         PyBuffer_Release(&tagb);
 done_dflt:
@@ -555,14 +591,15 @@ done_out:
     return res;
 }
 
-#define GET_OPTS_INIT {Py_None, Py_None, -1, 0}
+#define GET_OPTS_INIT {Py_None, Py_None, -1, 0, Py_None, 0}
+#define GET_OPTS_FORMAT "|OOLKOp"
+#define GET_OPTS_ARGS(o) &(o).default_o, &(o).tags_o, &(o).min_version, &(o).max_age, &(o).stats_o, &(o).stale_as_miss
 
 static PyObject *View_get_int(View *self, PyObject *args)
 {
     PyObject *keys_o, *out_o, *found_o;
     get_opts_t opt = GET_OPTS_INIT;
-    if (!PyArg_ParseTuple(args, "OOOO|OLK", &keys_o, &out_o, &found_o, &opt.default_o, &opt.tags_o, &opt.min_version,
-                          &opt.min_time))
+    if (!PyArg_ParseTuple(args, "OOO" GET_OPTS_FORMAT, &keys_o, &out_o, &found_o, GET_OPTS_ARGS(opt)))
         return NULL;
     if (require_keys(self, KEY_INT) < 0)
         return NULL;
@@ -583,8 +620,7 @@ static PyObject *View_get_strlist(View *self, PyObject *args)
 {
     PyObject *keys_o, *out_o, *found_o;
     get_opts_t opt = GET_OPTS_INIT;
-    if (!PyArg_ParseTuple(args, "OOOO|OLK", &keys_o, &out_o, &found_o, &opt.default_o, &opt.tags_o, &opt.min_version,
-                          &opt.min_time))
+    if (!PyArg_ParseTuple(args, "OOO" GET_OPTS_FORMAT, &keys_o, &out_o, &found_o, GET_OPTS_ARGS(opt)))
         return NULL;
     if (require_keys(self, KEY_STR) < 0)
         return NULL;
@@ -636,8 +672,7 @@ static PyObject *View_get_str(View *self, PyObject *args)
 {
     PyObject *h, *o, *b, *out_o, *found_o;
     get_opts_t opt = GET_OPTS_INIT;
-    if (!PyArg_ParseTuple(args, "OOOOOO|OLK", &h, &o, &b, &out_o, &found_o, &opt.default_o, &opt.tags_o,
-                          &opt.min_version, &opt.min_time))
+    if (!PyArg_ParseTuple(args, "OOOOO" GET_OPTS_FORMAT, &h, &o, &b, &out_o, &found_o, GET_OPTS_ARGS(opt)))
         return NULL;
     if (require_keys(self, KEY_STR) < 0)
         return NULL;
@@ -1194,13 +1229,12 @@ static PyObject *set_errors(PyObject *mod, PyObject *args)
 
 static PyMethodDef View_methods[] = {
     {"get_int", (PyCFunction)View_get_int, METH_VARARGS,
-     "get_int(keys, out|None, found, default|None[, tags|None, min_version, min_time]) -> hits, or -1 if the "
-     "file was superseded. min_version >= 0: found[i] = 0 fresh, 1 miss, 2 stale (by the row's tag)"},
+     "get_int(keys, out|None, found[, default, tags, min_version, max_age, stats, stale_as_miss]) -> hits, or -1 if "
+     "the file was superseded. min_version >= 0: found[i] = 0 fresh, 1 miss, 2 stale (by the row's tag)"},
     {"get_str", (PyCFunction)View_get_str, METH_VARARGS,
-     "get_str(hashes, offsets, blob, out|None, found, default|None[, tags, min_version, min_time]) -> hits, or -1 "
-     "if superseded"},
+     "get_str(hashes, offsets, blob, out|None, found[, default, tags, min_version, max_age, stats, stale_as_miss])"},
     {"get_strlist", (PyCFunction)View_get_strlist, METH_VARARGS,
-     "get_strlist(keys, out|None, found, default|None[, tags, min_version, min_time]): string keys from a list"},
+     "get_strlist(keys, out|None, found[, default, ...]): like get_int, string keys read from a list"},
     {"put_int", (PyCFunction)View_put_int, METH_VARARGS,
      "put_int(keys, vectors[, tags]) -> False if the table must grow"},
     {"put_str", (PyCFunction)View_put_str, METH_VARARGS,

@@ -207,7 +207,9 @@ class EmbeddingCache:
             raise SchemaError(f"queue keys are {self.queue.key_type}, table {name!r} keys are {self.table.key_type}")
         self.model_version = int(model_version)
         self.ttl = ttl
+        self._max_age = 0 if ttl is None else max(1, round(ttl))  # fill times are whole seconds
         self.stale_policy = stale_policy
+        self._stale_as_miss = stale_policy == "miss"
         self.mean_refresh = float(mean_refresh)
         self._oov_kind, oov_vector = self._parse_oov(oov)
         self._set_oov(oov_vector)
@@ -223,7 +225,11 @@ class EmbeddingCache:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._counts = dict.fromkeys((*LOOKUP_COUNTERS, "queue_errors"), 0)
+        # calls, keys, fresh, stale: added to by the kernel inside each lookup (under the GIL)
+        self._stats = np.zeros(4, dtype=np.int64)
+        # what the Python side counts, under self._lock: keys that turned fresh while a lookup
+        # waited (they were counted as missing or stale), enqueued keys, failed queue calls
+        self._counts = dict.fromkeys(("waited_from_oov", "waited_from_stale", "enqueued", "queue_errors"), 0)
         self._pushed = dict.fromkeys(LOOKUP_COUNTERS, 0)
         self._queue_ok = True
         self._queue_error: str | None = None
@@ -288,9 +294,6 @@ class EmbeddingCache:
 
     # ---------------------------------------------------------------- lookups
 
-    def _min_time(self) -> int:
-        return 0 if self.ttl is None else int(time.time() - self.ttl)
-
     def lookup(self, keys: Any, wait: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Vectors for ``keys`` and a status per key (``HIT``, ``OOV``, ``STALE``; int8 array).
 
@@ -299,45 +302,25 @@ class EmbeddingCache:
         that long for the keys not yet fresh and returns whatever is fresh by then. Keys of
         the wrong type raise ``KeyTypeError``.
         """
-        table = self.table
-        klist = table._lookup_keys(keys)
-        vectors, status, fresh = table.get_fresh(klist, self.model_version, self._min_time(), self._oov[1])
-        n = len(status)
-        if fresh == n:  # every key fresh: the common case stays one table read
-            with self._lock:
-                c = self._counts
-                c["lookups"] += 1
-                c["keys"] += n
-                c["hits"] += n
-            return vectors, status.view(np.int8)
-        return self._with_misses(klist, vectors, status, fresh, wait)
+        # one kernel pass: vectors (the OOV vector for misses), statuses, and this cache's counters
+        vectors, status, fresh = self.table.get_fresh(keys, self.model_version, self._max_age, self._oov[1],
+                                                      stats=self._stats, stale_as_miss=self._stale_as_miss)
+        if fresh == len(status):  # every key fresh: the common case ends here
+            return vectors, status
+        return self._with_misses(keys, vectors, status, wait)
 
-    def _with_misses(self, klist: Any, vectors: np.ndarray, status: np.ndarray, fresh: int,
+    def _with_misses(self, keys: Any, vectors: np.ndarray, status: np.ndarray,
                      wait: float | None) -> tuple[np.ndarray, np.ndarray]:
+        klist = self.table._lookup_keys(keys)
         todo = np.flatnonzero(status != HIT)
         self._submit(klist[todo].tolist() if isinstance(klist, np.ndarray) else [klist[i] for i in todo.tolist()])
         if wait is not None and wait > 0:
-            todo = self._wait(klist, vectors, status, todo, time.monotonic() + wait)
-            fresh = len(status) - len(todo)
-        if self.stale_policy == "miss":
-            stale = status == STALE
-            if stale.any():
-                vectors[stale] = self._oov[0]
-                status[stale] = OOV
-        n = len(status)
-        stale_n = int(np.count_nonzero(status == STALE))
-        with self._lock:
-            c = self._counts
-            c["lookups"] += 1
-            c["keys"] += n
-            c["hits"] += fresh
-            c["stale_served"] += stale_n
-            c["oov_served"] += n - fresh - stale_n
-        return vectors, status.view(np.int8)
+            self._wait(klist, vectors, status, todo, time.monotonic() + wait)
+        return vectors, status
 
-    def _wait(self, klist: Any, vectors: np.ndarray, status: np.ndarray, todo: np.ndarray,
-              deadline: float) -> np.ndarray:
+    def _wait(self, klist: Any, vectors: np.ndarray, status: np.ndarray, todo: np.ndarray, deadline: float) -> None:
         delay = 0.002
+        from_oov = from_stale = 0
         while len(todo):
             now = time.monotonic()
             if now >= deadline:
@@ -345,12 +328,18 @@ class EmbeddingCache:
             time.sleep(min(delay, deadline - now))
             delay = min(delay * 2, 0.05)
             sub = klist[todo] if isinstance(klist, np.ndarray) else [klist[i] for i in todo.tolist()]
-            v, s, _ = self.table.get_fresh(sub, self.model_version, self._min_time())
+            v, s, _ = self.table.get_fresh(sub, self.model_version, self._max_age)
             now_fresh = s == HIT
-            vectors[todo[now_fresh]] = v[now_fresh]
-            status[todo[now_fresh]] = HIT
+            got = todo[now_fresh]
+            from_stale += int(np.count_nonzero(status[got] == STALE))
+            from_oov += len(got)
+            vectors[got] = v[now_fresh]
+            status[got] = HIT
             todo = todo[~now_fresh]
-        return todo
+        if from_oov:
+            with self._lock:
+                self._counts["waited_from_oov"] += from_oov - from_stale
+                self._counts["waited_from_stale"] += from_stale
 
     # ---------------------------------------------------------------- sending misses to the queue
 
@@ -431,10 +420,20 @@ class EmbeddingCache:
         self._queue_ok = False
         self._queue_error = f"{type(exc).__name__}: {exc}"
 
+    def _totals(self) -> dict[str, int]:
+        """This process's lookup counters, kernel counts and waits combined. Lock held."""
+        calls, keys, fresh, stale = (int(x) for x in self._stats)
+        c = self._counts
+        hits = fresh + c["waited_from_oov"] + c["waited_from_stale"]
+        stale_served = stale - c["waited_from_stale"]
+        return {"lookups": calls, "keys": keys, "hits": hits, "stale_served": stale_served,
+                "oov_served": keys - hits - stale_served, "enqueued": c["enqueued"]}
+
     def _push_counters(self) -> None:
         """Add what this process counted since the last push to the queue's shared counters."""
         with self._lock:
-            deltas = {k: self._counts[k] - self._pushed[k] for k in LOOKUP_COUNTERS}
+            totals = self._totals()
+            deltas = {k: totals[k] - self._pushed[k] for k in LOOKUP_COUNTERS}
             deltas = {k: v for k, v in deltas.items() if v}
         if not deltas:
             return
@@ -496,10 +495,10 @@ class EmbeddingCache:
             with self._lock:
                 self._queue_failed(exc)
         with self._lock:
-            c = self._counts
-            return CacheMetrics(lookups=c["lookups"], keys=c["keys"], hits=c["hits"], oov_served=c["oov_served"],
-                                stale_served=c["stale_served"], enqueued=c["enqueued"],
-                                queue_errors=c["queue_errors"], queue_available=self._queue_ok,
+            t = self._totals()
+            return CacheMetrics(lookups=t["lookups"], keys=t["keys"], hits=t["hits"], oov_served=t["oov_served"],
+                                stale_served=t["stale_served"], enqueued=t["enqueued"],
+                                queue_errors=self._counts["queue_errors"], queue_available=self._queue_ok,
                                 queue_depth=depth, last_queue_error=self._queue_error,
                                 outbox=len(self._outbox) + self._sending, shared=shared)
 

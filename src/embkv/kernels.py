@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
+import time
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,6 +27,8 @@ __all__ = ["BACKEND", "KernelView", "make_view", "mix64", "pack_str"]
 # freshness status a classifying get writes per key (the values of embkv.cache HIT / OOV / STALE)
 STATUS_FRESH, STATUS_MISS, STATUS_STALE = 0, 1, 2
 
+_STATS_LOCK = threading.Lock()
+
 SLOT_EMPTY = np.uint64(0)
 SLOT_TOMB = np.uint64(0xFFFFFFFFFFFFFFFF)
 _SPIN_ROUNDS = 10_000
@@ -33,14 +37,18 @@ _SPIN_ROUNDS = 10_000
 class KernelView(Protocol):
     """What table.py needs from a kernel backend."""
 
-    # ``tags``: None or a u64 buffer that receives each row's tag; ``min_version >= 0`` makes
-    # ``found`` a freshness status per key (FRESH / MISS / STALE, see tag_status)
-    def get_int(self, keys: Any, out: Any, found: Any, default: Any, tags: Any = None, min_version: int = -1,
-                min_time: int = 0) -> int: ...
-    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any, tags: Any = None,
-                min_version: int = -1, min_time: int = 0) -> int: ...
-    def get_strlist(self, keys: Any, out: Any, found: Any, default: Any, tags: Any = None, min_version: int = -1,
-                    min_time: int = 0) -> int: ...
+    # ``tags``: None or a u64 buffer that receives each row's tag. ``min_version >= 0`` makes
+    # ``found`` a freshness status per key (FRESH / MISS / STALE, see tag_status), with rows
+    # filled more than ``max_age`` seconds ago stale (0: no limit), stale rows reported as
+    # misses holding the default if ``stale_as_miss``, and calls, keys, fresh and stale rows
+    # added to the int64[4] ``stats`` (GIL held: threads never lose counts)
+    def get_int(self, keys: Any, out: Any, found: Any, default: Any = None, tags: Any = None,
+                min_version: int = -1, max_age: int = 0, stats: Any = None, stale_as_miss: bool = False) -> int: ...
+    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any = None,
+                tags: Any = None, min_version: int = -1, max_age: int = 0, stats: Any = None,
+                stale_as_miss: bool = False) -> int: ...
+    def get_strlist(self, keys: Any, out: Any, found: Any, default: Any = None, tags: Any = None,
+                    min_version: int = -1, max_age: int = 0, stats: Any = None, stale_as_miss: bool = False) -> int: ...
     def put_int(self, keys: Any, vectors: Any, tags: Any = None) -> bool: ...
     def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any, tags: Any = None) -> bool: ...
     def delete_int(self, keys: Any) -> int: ...
@@ -174,7 +182,7 @@ class NumpyView:
         return rows
 
     def _get(self, slotkeys: np.ndarray, starts: np.ndarray, exact: Any, out: Any, found: Any,
-             default: Any, tags: Any, min_version: int, min_time: int) -> int:
+             default: Any, tags: Any, min_version: int, max_age: int, stats: Any, stale_as_miss: bool) -> int:
         if self.ctr[Counter.SUPERSEDED]:
             return -1
         found_arr = np.frombuffer(found, dtype=np.uint8)
@@ -211,21 +219,40 @@ class NumpyView:
                     tags_arr[:] = row_tags
                 if min_version < 0:
                     return int(found_arr.sum())
-                hit_all = found_arr.astype(np.bool_)
-                found_arr[:] = STATUS_MISS
-                found_arr[hit_all] = tag_status(row_tags[hit_all], min_version, min_time)
-                return int(np.count_nonzero(found_arr == STATUS_FRESH))
+                return self._classify(found_arr, row_tags, out_arr, default, min_version, max_age, stats,
+                                      stale_as_miss)
         raise ReadRetryError(f"rows kept changing during {_SPIN_ROUNDS} read attempts")
 
-    def get_int(self, keys: Any, out: Any, found: Any, default: Any, tags: Any = None, min_version: int = -1,
-                min_time: int = 0) -> int:
+    def _classify(self, found_arr: np.ndarray, row_tags: np.ndarray, out_arr: np.ndarray | None, default: Any,
+                  min_version: int, max_age: int, stats: Any, stale_as_miss: bool) -> int:
+        now = int(time.time())
+        min_time = max(0, now - max_age) if max_age else 0
+        hit_all = found_arr.astype(np.bool_)
+        found_arr[:] = STATUS_MISS
+        found_arr[hit_all] = tag_status(row_tags[hit_all], min_version, min_time)
+        stale = found_arr == STATUS_STALE
+        if stale_as_miss and stale.any():
+            found_arr[stale] = STATUS_MISS
+            if out_arr is not None:
+                out_arr[stale] = 0 if default is None else np.frombuffer(default, dtype=np.uint8)
+            stale[:] = False
+        fresh = int(np.count_nonzero(found_arr == STATUS_FRESH))
+        if stats is not None:
+            with _STATS_LOCK:  # the C kernel adds under the GIL; numpy's += is several steps
+                st = np.frombuffer(stats, dtype=np.int64)
+                st += np.array([1, len(found_arr), fresh, int(stale.sum())], dtype=np.int64)
+        return fresh
+
+    def get_int(self, keys: Any, out: Any, found: Any, default: Any = None, tags: Any = None,
+                min_version: int = -1, max_age: int = 0, stats: Any = None, stale_as_miss: bool = False) -> int:
         k = np.frombuffer(keys, dtype=np.int64)
         slotkeys = k.view(np.uint64)
 
         def exact(idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
             return np.asarray(self.meta[rows, 1] == slotkeys[idx])
 
-        return self._get(slotkeys, mix64(k), exact, out, found, default, tags, min_version, min_time)
+        return self._get(slotkeys, mix64(k), exact, out, found, default, tags, min_version, max_age, stats,
+                         stale_as_miss)
 
     def _str_exact(self, hashes: np.ndarray, offsets: np.ndarray, blob: bytes) -> Any:
         def exact(idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -238,16 +265,18 @@ class NumpyView:
 
         return exact
 
-    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any, tags: Any = None,
-                min_version: int = -1, min_time: int = 0) -> int:
+    def get_str(self, hashes: Any, offsets: Any, blob: Any, out: Any, found: Any, default: Any = None,
+                tags: Any = None, min_version: int = -1, max_age: int = 0, stats: Any = None,
+                stale_as_miss: bool = False) -> int:
         h = np.frombuffer(hashes, dtype=np.uint64)
         o = np.frombuffer(offsets, dtype=np.uint64).astype(np.int64)
-        return self._get(h, h, self._str_exact(h, o, bytes(blob)), out, found, default, tags, min_version, min_time)
+        return self._get(h, h, self._str_exact(h, o, bytes(blob)), out, found, default, tags, min_version, max_age,
+                         stats, stale_as_miss)
 
-    def get_strlist(self, keys: Any, out: Any, found: Any, default: Any, tags: Any = None, min_version: int = -1,
-                    min_time: int = 0) -> int:
+    def get_strlist(self, keys: Any, out: Any, found: Any, default: Any = None, tags: Any = None,
+                    min_version: int = -1, max_age: int = 0, stats: Any = None, stale_as_miss: bool = False) -> int:
         h, o, b = _pack_str_py(keys)
-        return self.get_str(h, o, b, out, found, default, tags, min_version, min_time)
+        return self.get_str(h, o, b, out, found, default, tags, min_version, max_age, stats, stale_as_miss)
 
     # ---------------------------------------------------------------- writes
 

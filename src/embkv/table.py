@@ -233,6 +233,7 @@ class Table:
         self.key_type: str = lay.key_type
         self._view = m.view
         self._int_keys = lay.key_type == "int64"
+        self._vec_bytes = lay.vec_bytes
         if old is not None:
             old.close()
 
@@ -331,22 +332,26 @@ class Table:
             return self.get_tagged(keys, default)
         return out, found, tags
 
-    def get_fresh(self, keys: Any, min_version: int, min_time: int = 0,
-                  default: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
+    def get_fresh(self, keys: Any, min_version: int, max_age: int = 0, default: Any = None, *,
+                  stats: np.ndarray | None = None, stale_as_miss: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
         """Vectors, a freshness status per key, and how many are fresh, in one pass.
 
-        ``status[i]`` (uint8) is 0 (fresh: present and untagged, or its tag has version
-        ``>= min_version`` and fill time ``>= min_time``, see :func:`embkv.format.make_tag`),
-        1 (missing: the row holds ``default``) or 2 (present but older). These are the values
-        of ``embkv.HIT``, ``embkv.OOV`` and ``embkv.STALE``; :class:`embkv.EmbeddingCache`
-        is built on this call.
+        ``status[i]`` (int8) is 0 (fresh: present and untagged, or its tag has version
+        ``>= min_version`` and was filled at most ``max_age`` whole seconds ago, see
+        :func:`embkv.format.make_tag`; ``max_age`` 0: no limit), 1 (missing: the row holds
+        ``default``) or 2 (present but older; with ``stale_as_miss`` reported as missing and
+        given ``default`` too). These are the values of ``embkv.HIT``, ``embkv.OOV`` and
+        ``embkv.STALE``; :class:`embkv.EmbeddingCache` is built on this call. ``stats``: an
+        int64 ``[4]`` array that calls, keys, fresh and stale rows are added to (safe across
+        threads).
         """
         k = self._lookup_keys(keys)
-        out = np.empty((len(k), self.dim), dtype=self.dtype)
-        status = np.empty(len(k), dtype=np.uint8)
-        fresh = self._gather(k, out, status, default, None, int(min_version), int(min_time))
+        n = len(k)
+        out = np.empty((n, self.dim), dtype=self.dtype)
+        status = np.empty(n, dtype=np.int8)
+        fresh = self._gather(k, out, status, default, None, min_version, max_age, stats, stale_as_miss)
         if fresh < 0:
-            return self.get_fresh(keys, min_version, min_time, default)
+            return self.get_fresh(keys, min_version, max_age, default, stats=stats, stale_as_miss=stale_as_miss)
         return out, status, fresh
 
     def _lookup_keys(self, keys: Any) -> Any:
@@ -361,30 +366,32 @@ class Table:
         return str_keys_as_list(keys)
 
     def _gather(self, k: Any, out: np.ndarray, found: np.ndarray, default: Any, tags: np.ndarray | None = None,
-                min_version: int = -1, min_time: int = 0) -> int:
+                min_version: int = -1, max_age: int = 0, stats: np.ndarray | None = None,
+                stale_as_miss: bool = False) -> int:
         """Run the kernel's read on the newest version; -1 if the schema changed under the keys."""
-        dflt = None if default is None else self._default_bytes(default)
+        if default is None or (type(default) is bytes and len(default) == self._vec_bytes):
+            dflt = default  # None, or already the raw row (callers on a hot path keep it ready)
+        else:
+            dflt = self._default_bytes(default)
         if self._m is None:
             raise TableClosedError(f"table {self.name!r} is closed")
         int_keys = self._int_keys
         while True:
             view = self._view
             if int_keys:
-                hits = view.get_int(k, out, found, dflt, tags, min_version, min_time)
+                hits = view.get_int(k, out, found, dflt, tags, min_version, max_age, stats, stale_as_miss)
             else:
                 try:
-                    hits = view.get_strlist(k, out, found, dflt, tags, min_version, min_time)
+                    hits = view.get_strlist(k, out, found, dflt, tags, min_version, max_age, stats, stale_as_miss)
                 except (TypeError, UnicodeEncodeError) as exc:
                     raise KeyTypeError(f"str table: {exc}") from None
             if hits >= 0:
-                return int(hits)
+                return hits
             self._refresh()
             if (self.dim, self.dtype, self._int_keys) != (out.shape[1], out.dtype, int_keys):
                 return -1
 
     def _default_bytes(self, default: Any) -> bytes:
-        if type(default) is bytes and len(default) == self.dim * self.dtype.itemsize:
-            return default  # already the raw row (callers on a hot path keep it ready)
         try:
             given = np.asarray(default)
             if given.dtype.kind not in "fiu":
