@@ -23,14 +23,16 @@ lookup that asks for them queues them again.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
+import queue as stdqueue
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -224,7 +226,6 @@ class EmbeddingCache:
         """Locks, counters, outbox and sender thread of this process (fresh after a fork)."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
         # calls, keys, fresh, stale: added to by the kernel inside each lookup (under the GIL)
         self._stats = np.zeros(4, dtype=np.int64)
         # what the Python side counts, under self._lock: keys that turned fresh while a lookup
@@ -233,13 +234,14 @@ class EmbeddingCache:
         self._pushed = dict.fromkeys(LOOKUP_COUNTERS, 0)
         self._queue_ok = True
         self._queue_error: str | None = None
-        self._outbox: collections.deque[Any] = collections.deque()
-        self._sending = 0  # keys taken from the outbox, not yet sent
+        # lists of keys for the sender, or _STOP; a SimpleQueue because its put() is one C call
+        # that also wakes the sender, cheaper than a Condition on the lookup's miss path
+        self._outbox: stdqueue.SimpleQueue[Iterable[Any] | None] = stdqueue.SimpleQueue()
+        self._pending = 0  # keys in the outbox or being sent (under self._lock)
         self._sent_recent: set[Any] = set()
         self._sent_older: set[Any] = set()
         self._rotated_at = time.monotonic()
         self._sender: threading.Thread | None = None
-        self._stop = False
         self._next_push = time.monotonic() + METRICS_PUSH_SECONDS
 
     def _after_fork(self) -> None:
@@ -312,10 +314,12 @@ class EmbeddingCache:
     def _with_misses(self, keys: Any, vectors: np.ndarray, status: np.ndarray,
                      wait: float | None) -> tuple[np.ndarray, np.ndarray]:
         klist = self.table._lookup_keys(keys)
-        todo = np.flatnonzero(status != HIT)
-        self._submit(klist[todo].tolist() if isinstance(klist, np.ndarray) else [klist[i] for i in todo.tolist()])
+        if isinstance(klist, np.ndarray):
+            self._submit(klist[status != HIT].tolist())
+        else:  # HIT is 0: the statuses that are true pick the keys to queue
+            self._submit(list(itertools.compress(klist, status.tolist())))
         if wait is not None and wait > 0:
-            self._wait(klist, vectors, status, todo, time.monotonic() + wait)
+            self._wait(klist, vectors, status, (status != HIT).nonzero()[0], time.monotonic() + wait)
         return vectors, status
 
     def _wait(self, klist: Any, vectors: np.ndarray, status: np.ndarray, todo: np.ndarray, deadline: float) -> None:
@@ -345,74 +349,73 @@ class EmbeddingCache:
 
     def _submit(self, keys: list[Any]) -> None:
         """Hand keys not sent lately to the sender thread (never blocks on the queue)."""
-        now = time.monotonic()
         with self._lock:
-            if now - self._rotated_at >= RESEND_AFTER or len(self._sent_recent) > MAX_OUTBOX:
-                # forget keys sent long ago: one still missing is sent again (the queue dedups)
-                self._sent_older, self._sent_recent = self._sent_recent, set()
-                self._rotated_at = now
             new = set(keys).difference(self._sent_recent, self._sent_older)
             if not new or self._closed:
                 return
-            room = MAX_OUTBOX - len(self._outbox)
+            room = MAX_OUTBOX - self._pending
             if room <= 0:
                 return  # the queue has been down a while: these keys are queued on a later miss
-            if len(new) > room:
-                new = set(list(new)[:room])
-            self._sent_recent |= new
-            self._outbox.extend(new)
-            self._ensure_sender()
-            self._wake.notify()
-
-    def _ensure_sender(self) -> None:
-        """Start the sender thread of this process if it is not running. Lock held."""
-        if self._sender is None or not self._sender.is_alive():
-            self._stop = False
-            # the thread holds the cache weakly, so dropping the cache ends the thread
-            self._sender = threading.Thread(target=_sender_main, args=(weakref.ref(self),),
-                                            name=f"embkv-cache-{self.table.name}", daemon=True)
-            self._sender.start()
+            batch: Any = new if len(new) <= room else list(new)[:room]
+            self._sent_recent.update(batch)
+            self._pending += len(batch)
+            if self._sender is None:
+                # the thread holds the cache weakly, so dropping the cache ends the thread
+                self._sender = threading.Thread(target=_sender_main, args=(weakref.ref(self),),
+                                                name=f"embkv-cache-{self.table.name}", daemon=True)
+                self._sender.start()
+        self._outbox.put(batch)
 
     def _send_step(self) -> bool:
         """One round of the sender thread: wait for misses (or the next counter push), send them.
 
         Returns False when the thread should end (closed, and nothing left to send).
         """
-        with self._lock:
-            if not self._outbox and not self._stop:
-                self._wake.wait(timeout=max(0.0, self._next_push - time.monotonic()))
-            batch = [self._outbox.popleft() for _ in range(min(SEND_BATCH, len(self._outbox)))]
-            self._sending = len(batch)
-            stop = self._stop
+        batch: list[Any] = []
+        stop = False
+        try:
+            item = self._outbox.get(timeout=max(0.0, self._next_push - time.monotonic()))
+            while True:
+                if item is None:
+                    stop = True
+                else:
+                    batch.extend(item)
+                if len(batch) >= SEND_BATCH:
+                    break
+                item = self._outbox.get_nowait()
+        except stdqueue.Empty:
+            pass
         if batch:
             self._send(batch)
         now = time.monotonic()
+        if now - self._rotated_at >= RESEND_AFTER or len(self._sent_recent) > MAX_OUTBOX:
+            with self._lock:  # forget keys sent long ago: one still missing is sent again (the queue dedups)
+                self._sent_older, self._sent_recent = self._sent_recent, set()
+            self._rotated_at = now
         if now >= self._next_push or stop:
             self._push_counters()
             self._next_push = now + METRICS_PUSH_SECONDS
             if self._oov_kind == "mean" and now - self._mean_at >= self.mean_refresh:
                 with contextlib.suppress(Exception):  # a failed refresh keeps the previous mean
                     self.refresh_mean()
-        return not (stop and not batch)
+        return not stop
 
     def _send(self, batch: list[Any]) -> None:
         try:
             added = self.queue.enqueue(batch)
-        except QueueUnavailableError as exc:
+        except Exception as exc:
             with self._lock:
-                self._sending = 0
+                self._pending -= len(batch)
                 self._queue_failed(exc)
                 # not sent: let the next lookup of these keys submit them again
                 self._sent_recent.difference_update(batch)
                 self._sent_older.difference_update(batch)
-                self._wake.notify_all()
             time.sleep(QUEUE_RETRY_SECONDS)
             return
         with self._lock:
-            self._sending = 0
+            self._pending -= len(batch)
             self._counts["enqueued"] += added
             self._queue_ok, self._queue_error = True, None
-            self._wake.notify_all()
 
     def _queue_failed(self, exc: Exception) -> None:
         """Record a failed queue call. Lock held."""
@@ -439,8 +442,8 @@ class EmbeddingCache:
             return
         try:
             self.queue.add_counters({k: float(v) for k, v in deltas.items()})
-        except QueueUnavailableError:
-            return  # pushed later, with what is counted by then
+        except Exception:
+            return
         with self._lock:
             for k, v in deltas.items():
                 self._pushed[k] += v
@@ -448,13 +451,10 @@ class EmbeddingCache:
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the misses seen so far were handed to the queue (or failed); True if so."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._outbox or self._sending:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._sender is None or not self._sender.is_alive():
-                    return False
-                self._wake.notify_all()
-                self._wake.wait(timeout=min(left, 0.05))
+        while self._pending:
+            if time.monotonic() >= deadline or self._sender is None or not self._sender.is_alive():
+                return False
+            time.sleep(0.002)
         return True
 
     @property
@@ -500,7 +500,7 @@ class EmbeddingCache:
                                 stale_served=t["stale_served"], enqueued=t["enqueued"],
                                 queue_errors=self._counts["queue_errors"], queue_available=self._queue_ok,
                                 queue_depth=depth, last_queue_error=self._queue_error,
-                                outbox=len(self._outbox) + self._sending, shared=shared)
+                                outbox=self._pending, shared=shared)
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is waiting (up to ``timeout``), push the counters, stop the sender, close the queue.
@@ -510,10 +510,9 @@ class EmbeddingCache:
         self.flush(timeout)
         with self._lock:
             self._closed = True
-            self._stop = True
-            self._wake.notify_all()
             sender = self._sender
-        if sender is not None and sender.is_alive() and self._pid == os.getpid():
+        if sender is not None and sender.is_alive():
+            self._outbox.put(None)  # the sender pushes the counters one last time and ends
             sender.join(timeout)
         else:
             self._push_counters()
@@ -529,8 +528,13 @@ class EmbeddingCache:
 def _sender_main(ref: weakref.ReferenceType[EmbeddingCache]) -> None:
     while True:
         cache = ref()
-        if cache is None or not cache._send_step():
+        if cache is None:
             return
+        try:
+            if not cache._send_step():
+                return
+        except Exception:
+            time.sleep(QUEUE_RETRY_SECONDS)
         del cache  # between rounds only the weak reference remains
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -210,8 +211,14 @@ _LEASE_SQL = "UPDATE items SET state = 1, lease_until = ?, token = ? WHERE rowid
 # state leads both indexes: the count walks index entries of pending keys, not the table's rows
 # nor the given-up keys (which pile up until retry_failed)
 _DEPTH_SQL = "SELECT COUNT(*) FROM items WHERE state IN (0, 1)"
-_ADD_COUNTER_SQL = ("INSERT INTO counters(name, value) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
+_ENQUEUE_CHUNK = 4096  # keys per INSERT statement (SQLite allows 32766 parameters)
+
+
+@functools.lru_cache(maxsize=64)
+def _enqueue_sql(n: int) -> str:
+    """One INSERT of ``n`` keys (parameters: now, key_1 .. key_n); existing keys are left as they are."""
+    return ("INSERT OR IGNORE INTO items(key, state, attempts, ready_at, enqueued_at) "
+            "SELECT column1, 0, 0, ?1, ?1 FROM (VALUES " + ", ".join(f"(?{i + 2})" for i in range(n)) + ")")
 
 
 class SQLiteQueue(WorkQueue):
@@ -309,11 +316,22 @@ class SQLiteQueue(WorkQueue):
         if not ks:
             return 0
         now = time.time()
-        with self._tx() as db:
-            before = db.total_changes
-            db.executemany("INSERT OR IGNORE INTO items(key, state, attempts, ready_at, enqueued_at) "
-                           "VALUES (?, 0, 0, ?, ?)", [(k, now, now) for k in ks])
-            return db.total_changes - before
+        added = 0
+        with self._locked() as db:
+            # one statement per chunk, in its own implicit transaction: SQLite holds the write
+            # lock only while it runs, with the GIL released. A BEGIN ... COMMIT of several calls
+            # also needs the GIL between them, and in a process whose other threads keep the GIL
+            # busy (a service doing lookups) each hand-back can take a switch interval (5 ms):
+            # the write lock stayed held for most of the time and starved the workers' claims.
+            for lo in range(0, len(ks), _ENQUEUE_CHUNK):
+                chunk = ks[lo : lo + _ENQUEUE_CHUNK]
+                before = db.total_changes
+                try:
+                    db.execute(_enqueue_sql(len(chunk)), (now, *chunk))
+                except sqlite3.Error as exc:
+                    raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
+                added += db.total_changes - before
+        return added
 
     def claim(self, n: int, lease_seconds: float = 30.0) -> list[WorkItem]:
         if n <= 0:
@@ -366,8 +384,14 @@ class SQLiteQueue(WorkQueue):
         pairs = check_deltas(deltas)
         if not pairs:
             return
-        with self._tx() as db:
-            db.executemany(_ADD_COUNTER_SQL, pairs)
+        # one statement, atomic by itself (see enqueue for why not BEGIN ... COMMIT)
+        sql = ("INSERT INTO counters(name, value) VALUES " + ", ".join(["(?, ?)"] * len(pairs))
+               + " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
+        with self._locked() as db:
+            try:
+                db.execute(sql, [x for pair in pairs for x in pair])
+            except sqlite3.Error as exc:
+                raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
 
     def counters(self) -> dict[str, float]:
         with self._read() as db:
