@@ -129,6 +129,26 @@ def test_enqueue_once(queue: WorkQueue) -> None:
     assert all(it.enqueued_at <= time.time() and it.attempts == 0 for it in rest)
 
 
+@pytest.mark.parametrize("key_type", ["int64", "str"])
+def test_keys_come_back_exactly_as_queued(store_path: str, key_type: str) -> None:
+    os.makedirs(store_path)
+    q = SQLiteQueue(os.path.join(store_path, "k.queue.sqlite"), key_type)
+    if key_type == "int64":
+        keys: list[Any] = [0, -1, 2**63 - 1, -(2**63), 12345678901234]
+        more: list[Any] = [np.int64(7), 8]  # not all plain ints: the checked path
+    else:
+        keys = ["plain", 'with "quotes"', "back\\slash", "ключ", "🔑" * 3, "tab\tnewline\n", "\x00nul", ""]
+        more = [b"raw \xff bytes", "text"]  # bytes keys take the bound-parameter path
+    assert q.enqueue(keys + keys[:2]) == len(keys)
+    assert q.enqueue(keys) == 0  # the same keys, however they were sent, are pending already
+    assert q.enqueue(more) == 2
+    got = [it.key for it in q.claim(100)]
+    assert sorted(got, key=repr) == sorted(keys + [k if not isinstance(k, np.integer) else int(k) for k in more],
+                                           key=repr)
+    assert q.enqueue(got) == 0
+    q.close()
+
+
 def test_expired_lease_is_claimed_again(queue: WorkQueue) -> None:
     queue.enqueue(np.arange(5))
     first = queue.claim(5, lease_seconds=0.1)

@@ -54,6 +54,12 @@ LOOKUP_QUEUE_TIMEOUT = 0.05  # seconds the embedded queue's sender waits for ano
 RESEND_AFTER = 10.0  # a key still missing this long after it was sent is sent again (the queue dedups)
 MAX_OUTBOX = 100_000  # keys waiting to be sent; beyond this (queue down for long) new misses are dropped
 SEND_BATCH = 4096  # keys per enqueue call
+# pause between enqueue calls while misses keep coming: the sender needs the GIL to prepare
+# each call, and a lookup that wants it meanwhile waits, so a burst of new keys must not turn
+# the sender into a busy thread: a few big calls a second instead. It caps one process at
+# ~40,000 new keys/s, far more than a model computes; beyond that misses wait in the outbox,
+# or (outbox full) are queued by a later lookup
+SEND_INTERVAL = 0.1
 METRICS_PUSH_SECONDS = 1.0  # how often this process adds its counters to the queue's shared ones
 MEAN_SAMPLE = 100_000  # rows sampled for oov="mean"
 
@@ -387,6 +393,8 @@ class EmbeddingCache:
             pass
         if batch:
             self._send(batch)
+            if self._pending:
+                time.sleep(SEND_INTERVAL)
         now = time.monotonic()
         if now - self._rotated_at >= RESEND_AFTER or len(self._sent_recent) > MAX_OUTBOX:
             with self._lock:  # forget keys sent long ago: one still missing is sent again (the queue dedups)

@@ -86,6 +86,10 @@ def check_key_type(key_type: str) -> str:
 
 def normalize_keys(keys: Iterable[Any], key_type: str) -> list[Key]:
     """Keys as plain Python ints (int64 queues) or str/bytes (str queues); KeyTypeError otherwise."""
+    if type(keys) is list:  # the common case, checked without a Python loop per key
+        types = set(map(type, keys))
+        if types <= ({int} if key_type == "int64" else {str, bytes}):
+            return keys
     out: list[Key] = []
     for k in keys:
         if key_type == "int64":
@@ -211,7 +215,9 @@ _LEASE_SQL = "UPDATE items SET state = 1, lease_until = ?, token = ? WHERE rowid
 # state leads both indexes: the count walks index entries of pending keys, not the table's rows
 # nor the given-up keys (which pile up until retry_failed)
 _DEPTH_SQL = "SELECT COUNT(*) FROM items WHERE state IN (0, 1)"
-_ENQUEUE_CHUNK = 4096  # keys per INSERT statement (SQLite allows 32766 parameters)
+_ENQUEUE_CHUNK = 4096  # keys per INSERT statement (the bound-parameter path stays under SQLite's 32766)
+_ENQUEUE_JSON_SQL = ("INSERT OR IGNORE INTO items(key, state, attempts, ready_at, enqueued_at) "
+                     "SELECT value, 0, 0, ?1, ?1 FROM json_each(?2)")
 
 
 @functools.lru_cache(maxsize=64)
@@ -317,17 +323,26 @@ class SQLiteQueue(WorkQueue):
             return 0
         now = time.time()
         added = 0
+        # ints and str travel as one JSON array per chunk (one parameter, one fixed statement:
+        # little work with the GIL held); a chunk with bytes keys binds each key
+        as_json = set(map(type, ks)) <= {int, str}
         with self._locked() as db:
             # one statement per chunk, in its own implicit transaction: SQLite holds the write
             # lock only while it runs, with the GIL released. A BEGIN ... COMMIT of several calls
             # also needs the GIL between them, and in a process whose other threads keep the GIL
             # busy (a service doing lookups) each hand-back can take a switch interval (5 ms):
             # the write lock stayed held for most of the time and starved the workers' claims.
+            # Small chunks keep each stretch of this thread holding the GIL short too.
             for lo in range(0, len(ks), _ENQUEUE_CHUNK):
                 chunk = ks[lo : lo + _ENQUEUE_CHUNK]
                 before = db.total_changes
                 try:
-                    db.execute(_enqueue_sql(len(chunk)), (now, *chunk))
+                    payload = json.dumps(chunk) if as_json else ""
+                    # SQLite's JSON text ends at a NUL character: such keys are bound one by one
+                    if as_json and "\\u0000" not in payload:
+                        db.execute(_ENQUEUE_JSON_SQL, (now, payload))
+                    else:
+                        db.execute(_enqueue_sql(len(chunk)), (now, *chunk))
                 except sqlite3.Error as exc:
                     raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
                 added += db.total_changes - before
