@@ -102,6 +102,10 @@ def run(args: argparse.Namespace) -> None:
         m = cache.metrics()
         print(f"cache metrics: lookups={m.lookups} keys={m.keys} hits={m.hits} oov_served={m.oov_served} "
               f"enqueued={m.enqueued} queue_depth={m.queue_depth} hit_rate={m.hit_rate:.2f}")
+        shared = m.shared  # every process and worker on this queue; workers report after each batch
+        if shared is not None and shared.fill is not None and shared.compute is not None:
+            print(f"shared metrics: computed={shared.computed} fill mean={shared.fill.mean * 1e3:.0f} ms "
+                  f"(p99 <= {shared.fill.p99:g} s) compute mean={shared.compute.mean * 1e3:.0f} ms per batch")
         w = thread.worker.metrics()
         print(f"worker metrics: batches={w.batches} computed={w.computed} failed={w.failed} "
               f"compute_mean={w.compute_seconds_mean * 1e3:.0f} ms fill_max={w.fill_seconds_max * 1e3:.0f} ms")

@@ -459,3 +459,33 @@ def test_cli_worker_until_idle(store: embkv.Store, store_path: str, queue: SQLit
     bad = subprocess.run([sys.executable, "-m", "embkv.cli", "worker", store_path, "t", "--compute", "nonsense"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "compute must be 'module:function'" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "embkv.cli", "worker", store_path, "t", "--compute",
+                              "no_such_module:embed"], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "cannot load compute 'no_such_module:embed'" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_cli_queue_shows_depth_failures_and_shared_metrics(store: embkv.Store, store_path: str,
+                                                           queue: SQLiteQueue) -> None:
+    import json
+
+    cache = cache_of(store, queue)
+    lookup_sent(cache, [1, 2, 3, 4])
+    cache.close()  # pushes its counters
+    Worker(store, "t", embed_fails_on_multiples_of_3, SQLiteQueue.beside(store, "t", max_attempts=1)).run(
+        until_idle=True)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "embkv.cli", "queue", store_path, "t", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    done = cli("--json", "--failures")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["depth"], report["gave_up"], report["computed"], report["failed"]) == (0, 1, 3, 1)
+    assert (report["lookups"], report["keys"], report["oov_served"], report["enqueued"]) == (1, 4, 4, 4)
+    assert report["fill_seconds"]["count"] == 3 and report["compute_seconds"]["count"] == 1
+    assert "cannot embed [3]" in report["failures"]["3"]["error"]
+    text = cli("--retry-failed")
+    assert text.returncode == 0 and "retried: 1" in text.stdout and "depth: 1" in text.stdout
+    assert cli("--queue", "bogus").returncode != 0

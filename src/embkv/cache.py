@@ -135,6 +135,17 @@ class SharedMetrics:
     def hit_rate(self) -> float:
         return self.hits / self.keys if self.keys else 0.0
 
+    @classmethod
+    def from_counters(cls, counters: dict[str, float]) -> SharedMetrics:
+        """Read the totals out of a queue's shared counters (``WorkQueue.counters()``)."""
+        def get(name: str) -> int:
+            return int(counters.get(name, 0))
+
+        return cls(lookups=get("lookups"), keys=get("keys"), hits=get("hits"), oov_served=get("oov_served"),
+                   stale_served=get("stale_served"), enqueued=get("enqueued"), computed=get("computed"),
+                   failed=get("failed"), fill=FillMetrics.from_counters(counters, "fill"),
+                   compute=FillMetrics.from_counters(counters, "compute"))
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheMetrics:
@@ -496,7 +507,7 @@ class EmbeddingCache:
         shared: SharedMetrics | None = None
         try:
             depth = self.queue.depth()
-            shared = _shared_metrics(self.queue.counters())
+            shared = SharedMetrics.from_counters(self.queue.counters())
             with self._lock:
                 self._queue_ok, self._queue_error = True, None
         except QueueUnavailableError as exc:
@@ -544,17 +555,6 @@ def _sender_main(ref: weakref.ReferenceType[EmbeddingCache]) -> None:
         except Exception:
             time.sleep(QUEUE_RETRY_SECONDS)
         del cache  # between rounds only the weak reference remains
-
-
-def _shared_metrics(counters: dict[str, float]) -> SharedMetrics:
-    def get(name: str) -> int:
-        return int(counters.get(name, 0))
-
-    return SharedMetrics(lookups=get("lookups"), keys=get("keys"), hits=get("hits"),
-                         oov_served=get("oov_served"), stale_served=get("stale_served"),
-                         enqueued=get("enqueued"), computed=get("computed"), failed=get("failed"),
-                         fill=FillMetrics.from_counters(counters, "fill"),
-                         compute=FillMetrics.from_counters(counters, "compute"))
 
 
 def fill_tag(model_version: int, filled_at: float | None = None) -> int:

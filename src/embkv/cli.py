@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -273,6 +274,63 @@ def worker(store: str, table: str, compute: str, queue: str, batch: int, model_v
     m = w.metrics()
     click.echo(f"computed {m.computed}, failed {m.failed} (gave up {m.gave_up}), batches {m.batches}", err=True)
     s.close()
+
+
+@main.command("queue")
+@click.argument("store")
+@click.argument("table")
+@click.option("--queue", "queue_spec", default="sqlite", show_default=True,
+              help="'sqlite' (the file beside the store) or a redis:// URL (a stream named TABLE).")
+@click.option("--failures", "show_failures", is_flag=True, help="List the keys whose computation failed.")
+@click.option("--retry-failed", is_flag=True, help="Queue the given-up keys again (attempts reset).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def queue_cmd(store: str, table: str, queue_spec: str, show_failures: bool, retry_failed: bool,
+              as_json: bool) -> None:
+    """Show the compute-on-miss queue of TABLE: depth, failures, and the metrics every cache
+    process and worker shares (hit rate, OOV served, compute time, time from first miss to fill).
+    """
+    from embkv.cache import SharedMetrics
+    from embkv.worker import open_queue
+
+    s = embkv.open(store, readonly=True)
+    try:
+        q = open_queue(queue_spec, s, table)
+    except embkv.QueueUnavailableError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        retried = q.retry_failed() if retry_failed else None
+        depth, failures, shared = q.depth(), q.failures(), SharedMetrics.from_counters(q.counters())
+    except embkv.QueueUnavailableError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        q.close()
+        s.close()
+    gave_up = sum(f.gave_up for f in failures.values())
+    report: dict[str, Any] = {
+        "table": table, "queue": repr(q), "depth": depth, "failing": len(failures) - gave_up, "gave_up": gave_up,
+        "lookups": shared.lookups, "keys": shared.keys, "hits": shared.hits, "hit_rate": round(shared.hit_rate, 4),
+        "oov_served": shared.oov_served, "stale_served": shared.stale_served, "enqueued": shared.enqueued,
+        "computed": shared.computed, "failed": shared.failed,
+        "fill_seconds": None if shared.fill is None else dataclasses.asdict(shared.fill),
+        "compute_seconds": None if shared.compute is None else dataclasses.asdict(shared.compute),
+    }
+    if retried is not None:
+        report["retried"] = retried
+    if show_failures:
+        report["failures"] = {str(k): dataclasses.asdict(f) for k, f in failures.items()}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for name, value in report.items():
+        if name == "failures":
+            continue
+        if isinstance(value, dict):
+            value = (f"n={value['count']} mean={value['mean']:.3f} s p50<={value['p50']:g} s "
+                     f"p99<={value['p99']:g} s")
+        click.echo(f"{name:>16}: {value}")
+    if show_failures:
+        for key, f in failures.items():
+            click.echo(f"{key!r}: {'gave up' if f.gave_up else 'retrying'} after {f.attempts} attempt(s): {f.error}")
 
 
 @main.command()

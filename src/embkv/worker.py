@@ -51,9 +51,12 @@ def load_compute(spec: str | ComputeFn) -> ComputeFn:
         raise SchemaError(f"compute must be 'module:function', got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    fn: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        fn = getattr(fn, part)
+    try:
+        fn: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+    except (ImportError, AttributeError) as exc:
+        raise SchemaError(f"cannot load compute {spec!r}: {type(exc).__name__}: {exc}") from None
     if not callable(fn):
         raise SchemaError(f"{spec!r} is not callable")
     return cast(ComputeFn, fn)
