@@ -174,6 +174,17 @@ def test_oov_policies(store: embkv.Store, table: embkv.Table, queue: SQLiteQueue
             cache_of(store, queue, oov=bad)
 
 
+@pytest.mark.parametrize("kwargs", [{"model_version": 0}, {"model_version": 2**31}, {"model_version": "3"},
+                                    {"model_version": True}, {"stale_policy": "never"}, {"ttl": -5}])
+def test_bad_cache_settings_are_schema_errors(store: embkv.Store, queue: SQLiteQueue, kwargs: Any) -> None:
+    with pytest.raises(embkv.SchemaError):
+        cache_of(store, queue, **kwargs)
+    cache = cache_of(store, queue)
+    with pytest.raises(embkv.SchemaError):
+        cache.bump_model_version(0)
+    assert cache.model_version == 1
+
+
 def test_oov_mean_samples_a_large_table(store: embkv.Store, queue: SQLiteQueue) -> None:
     keys = np.arange(250_000)
     store.load_table("big", keys, np.stack([keys % 2, np.ones(len(keys))], axis=1).astype(np.float32))

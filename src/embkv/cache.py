@@ -50,7 +50,9 @@ STALE = 2  # the key's old vector (older model version or past the TTL); it is q
 
 STALE_POLICIES = ("serve", "miss")
 QUEUE_RETRY_SECONDS = 1.0  # after a queue error, the sender waits this long before trying again
-LOOKUP_QUEUE_TIMEOUT = 0.05  # seconds the embedded queue's sender waits for another process's lock
+# seconds the sender waits for the embedded queue's lock held by another process; only the
+# sender thread waits (lookups never touch the queue), so a busy worker is no reason to fail
+SENDER_QUEUE_TIMEOUT = 5.0
 RESEND_AFTER = 10.0  # a key still missing this long after it was sent is sent again (the queue dedups)
 MAX_OUTBOX = 100_000  # keys waiting to be sent; beyond this (queue down for long) new misses are dropped
 SEND_BATCH = 4096  # keys per enqueue call
@@ -113,12 +115,8 @@ class FillMetrics:
 
 
 @dataclasses.dataclass(frozen=True)
-class SharedMetrics:
-    """Totals over every process and worker using the same queue (pushed every second or so).
-
-    ``fill``: time from a key's first miss to its vector written; ``compute``: seconds per
-    compute call (one batch). Either is None until a worker has reported one.
-    """
+class LookupCounts:
+    """What lookups served: ``keys == hits + oov_served + stale_served``; misses queued (``enqueued``)."""
 
     lookups: int
     keys: int
@@ -126,14 +124,24 @@ class SharedMetrics:
     oov_served: int
     stale_served: int
     enqueued: int
-    computed: int
-    failed: int
-    fill: FillMetrics | None
-    compute: FillMetrics | None
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.keys if self.keys else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedMetrics(LookupCounts):
+    """Totals over every process and worker using the same queue (pushed every second or so).
+
+    ``fill``: time from a key's first miss to its vector written; ``compute``: seconds per
+    compute call (one batch). Either is None until a worker has reported one.
+    """
+
+    computed: int
+    failed: int
+    fill: FillMetrics | None
+    compute: FillMetrics | None
 
     @classmethod
     def from_counters(cls, counters: dict[str, float]) -> SharedMetrics:
@@ -148,31 +156,21 @@ class SharedMetrics:
 
 
 @dataclasses.dataclass(frozen=True)
-class CacheMetrics:
+class CacheMetrics(LookupCounts):
     """A snapshot of one cache object's counters (this process), plus the shared totals.
 
-    ``keys == hits + oov_served + stale_served``. ``queue_depth`` is None when the queue could
-    not be asked; ``queue_available`` is False after a failed queue call until one succeeds.
-    ``outbox``: misses waiting for the sender thread. ``shared``: the totals of every process
-    and worker on this queue (None when the queue could not be asked).
+    ``queue_depth`` is None when the queue could not be asked; ``queue_available`` is False
+    after a failed queue call until one succeeds. ``outbox``: misses waiting for the sender
+    thread. ``shared``: the totals of every process and worker on this queue (None when the
+    queue could not be asked).
     """
 
-    lookups: int
-    keys: int
-    hits: int
-    oov_served: int
-    stale_served: int
-    enqueued: int
     queue_errors: int
     queue_available: bool
     queue_depth: int | None
     last_queue_error: str | None
     outbox: int
     shared: SharedMetrics | None
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.keys if self.keys else 0.0
 
 
 def _reset_in_child(ref: weakref.ReferenceType[EmbeddingCache]) -> None:
@@ -215,13 +213,13 @@ class EmbeddingCache:
             raise SchemaError(f"stale_policy must be one of {STALE_POLICIES}, got {stale_policy!r}")
         if ttl is not None and not ttl >= 1:
             raise SchemaError(f"ttl must be at least 1 second (fill times are whole seconds) or None, got {ttl!r}")
+        if isinstance(model_version, bool) or not isinstance(model_version, (int, np.integer)):
+            raise SchemaError(f"model_version must be an int, got {model_version!r}")
         make_tag(int(model_version), 0)  # validates the version range
         self.store = store
         self.table = store[name]
-        # the sender must not wait long on a queue lock held by a slow or stopped worker: it
-        # gives up after LOOKUP_QUEUE_TIMEOUT and retries the keys later
         self.queue = queue if queue is not None else SQLiteQueue.beside(store, name,
-                                                                        busy_timeout=LOOKUP_QUEUE_TIMEOUT)
+                                                                        busy_timeout=SENDER_QUEUE_TIMEOUT)
         if self.queue.key_type != self.table.key_type:
             raise SchemaError(f"queue keys are {self.queue.key_type}, table {name!r} keys are {self.table.key_type}")
         self.model_version = int(model_version)
@@ -251,7 +249,7 @@ class EmbeddingCache:
         self._pushed = dict.fromkeys(LOOKUP_COUNTERS, 0)
         self._queue_ok = True
         self._queue_error: str | None = None
-        # lists of keys for the sender, or _STOP; a SimpleQueue because its put() is one C call
+        # batches of keys for the sender, or None to stop it; a SimpleQueue because its put() is one C call
         # that also wakes the sender, cheaper than a Condition on the lookup's miss path
         self._outbox: stdqueue.SimpleQueue[Iterable[Any] | None] = stdqueue.SimpleQueue()
         self._pending = 0  # keys in the outbox or being sent (under self._lock)
@@ -264,7 +262,6 @@ class EmbeddingCache:
     def _after_fork(self) -> None:
         # only the forking thread survives: locks may be held by threads that no longer exist
         self._init_process_state()
-        self._closed = False
 
     def __repr__(self) -> str:
         return (f"<embkv.EmbeddingCache {self.table.name!r} version={self.model_version} ttl={self.ttl} "
