@@ -185,6 +185,114 @@ def test_bad_cache_settings_are_schema_errors(store: embkv.Store, queue: SQLiteQ
     assert cache.model_version == 1
 
 
+class RefusingQueue(SQLiteQueue):
+    """A real SQLite queue that refuses one key, as a queue that cannot encode a key would."""
+
+    refused = 13
+
+    def enqueue(self, keys: Any) -> int:
+        keys = list(keys)
+        if self.refused in keys:
+            raise ValueError(f"cannot encode {self.refused}")
+        return super().enqueue(keys)
+
+
+class WriteFailingQueue(SQLiteQueue):
+    """Reads work, every enqueue fails: a queue file this process may read but not write."""
+
+    def enqueue(self, keys: Any) -> int:
+        raise embkv.QueueUnavailableError("attempt to write a readonly database")
+
+
+def test_a_refused_key_does_not_fail_the_misses_sent_with_it(store: embkv.Store, table: embkv.Table) -> None:
+    q = RefusingQueue(os.path.join(store.path, "t.queue.sqlite"))
+    cache = EmbeddingCache(store, "t", q)
+    for k in range(40):  # one sender batch holds the refused key and many others
+        cache.lookup([k])
+    assert cache.flush(10)
+    assert q.depth() == 39
+    m = cache.metrics()
+    assert m.queue_available and m.queue_errors == 0 and m.refused == 1 and m.enqueued == 39
+    assert m.last_refused is not None and "ValueError for key 13: cannot encode 13" in m.last_refused
+    cache.close()
+
+
+def test_metrics_do_not_hide_a_failing_send(store: embkv.Store, table: embkv.Table) -> None:
+    cache = EmbeddingCache(store, "t", WriteFailingQueue(os.path.join(store.path, "t.queue.sqlite")))
+    cache.lookup([1])
+    assert cache.flush(10)
+    for _ in range(2):  # reading the depth works; the queue is still not taking keys
+        m = cache.metrics()
+        assert m.queue_depth == 0 and not m.queue_available and "readonly" in (m.last_queue_error or "")
+    cache.close()
+
+
+def test_close_while_other_threads_look_up(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def hammer(base: int) -> None:
+        k = base
+        while not stop.is_set():
+            try:
+                cache.lookup([k, k + 1])  # every call misses new keys
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+                return
+            k += 2
+
+    threads = [threading.Thread(target=hammer, args=(i * 10**9,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        sender = [t for t in threading.enumerate() if t.name == "embkv-cache-t"]
+        t0 = time.monotonic()
+        cache.close(timeout=2)
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert took < 3, f"close() took {took:.1f} s"
+    assert sender and not sender[0].is_alive(), "the sender outlived close()"
+    local = cache.metrics()  # the queue is closed: local counters only
+    again = SQLiteQueue.beside(store, "t")
+    shared = EmbeddingCache(store, "t", again).metrics().shared
+    assert shared is not None
+    # lookups after close() still answer (and count) but were pushed by nobody: the shared
+    # total holds everything counted up to close()
+    assert 0 < shared.lookups <= local.lookups and shared.enqueued == local.enqueued == again.depth()
+
+
+def test_str_keys_from_a_generator(store: embkv.Store) -> None:
+    store.create_table("s", dim=DIM, key_type="str")
+    q = SQLiteQueue.beside(store, "s")
+    cache = EmbeddingCache(store, "s", q)
+    assert cache.lookup(k for k in ("a", "bb", "ccc"))[1].tolist() == [OOV] * 3
+    assert cache.flush(10) and q.depth() == 3
+    Worker(store, "s", embed, q).run(until_idle=True)
+    _, status = cache.lookup((k for k in ("a", "bb", "dddd")), wait=0.05)
+    assert status.tolist() == [HIT, HIT, OOV]
+    cache.close()
+
+
+def test_oov_mean_ignores_rows_that_are_not_finite(store: embkv.Store, table: embkv.Table,
+                                                   queue: SQLiteQueue) -> None:
+    table.put([1, 2, 3], np.array([[1, 1, 1, 1], [3, 3, 3, 3], [np.nan, 0, np.inf, 0]]))
+    assert cache_of(store, queue, oov="mean").oov_vector().tolist() == [2, 2, 2, 2]
+
+
+def test_model_versions_only_go_up(store: embkv.Store, queue: SQLiteQueue) -> None:
+    cache = cache_of(store, queue, model_version=5)
+    for bad in (4, 2.9, True, "6"):
+        with pytest.raises(embkv.SchemaError):
+            cache.bump_model_version(bad)
+    assert cache.bump_model_version(5) == 5 and cache.bump_model_version() == 6
+
+
 def test_oov_mean_samples_a_large_table(store: embkv.Store, queue: SQLiteQueue) -> None:
     keys = np.arange(250_000)
     store.load_table("big", keys, np.stack([keys % 2, np.ones(len(keys))], axis=1).astype(np.float32))

@@ -149,6 +149,24 @@ def test_keys_come_back_exactly_as_queued(store_path: str, key_type: str) -> Non
     q.close()
 
 
+def test_int64_queue_refuses_keys_outside_int64(sqlite_queue: SQLiteQueue) -> None:
+    for bad in ([2**63], [-(2**63) - 1], [1, 2**64]):
+        with pytest.raises(embkv.KeyTypeError, match="int64"):
+            sqlite_queue.enqueue(bad)
+    assert sqlite_queue.depth() == 0
+
+
+def test_redis_keeps_bytes_keys_that_are_not_utf8(redis_url: str) -> None:
+    q = RedisStreamQueue(redis_url, "b", "str")
+    assert q.enqueue([b"\xff\xfe raw", "text", b"utf8 bytes"]) == 3
+    assert q.enqueue([b"\xff\xfe raw"]) == 0
+    got = q.claim(10)
+    assert sorted((it.key for it in got), key=repr) == sorted([b"\xff\xfe raw", "text", "utf8 bytes"], key=repr)
+    q.ack(got)
+    assert q.depth() == 0
+    q.close()
+
+
 def test_expired_lease_is_claimed_again(queue: WorkQueue) -> None:
     queue.enqueue(np.arange(5))
     first = queue.claim(5, lease_seconds=0.1)

@@ -464,8 +464,17 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
         goto done_found;
     if (have_tags && PyObject_GetBuffer(opt->tags_o, &tagb, PyBUF_WRITABLE) < 0)
         goto done_dflt;
-    if (have_stats && PyObject_GetBuffer(opt->stats_o, &statb, PyBUF_WRITABLE) < 0)
+    if (have_stats && PyObject_GetBuffer(opt->stats_o, &statb, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
         goto done_tags;
+    if (have_stats) {
+        /* int64 only: the counts are added as int64, so another element type would read as garbage */
+        const char *fmt = statb.format ? statb.format : "B";
+        char last = fmt[0] ? fmt[strlen(fmt) - 1] : 'B';
+        if (statb.itemsize != 8 || (last != 'l' && last != 'q')) {
+            PyErr_SetString(PyExc_ValueError, "stats must be an int64 array of 4");
+            goto done_all;
+        }
+    }
     if ((have_out && (uint64_t)out.len != n * self->vec_bytes) || (uint64_t)found.len != n ||
         (have_dflt && (uint64_t)dflt.len != self->vec_bytes) || (have_tags && (uint64_t)tagb.len != 8 * n) ||
         (have_stats && statb.len != 4 * 8)) {

@@ -160,15 +160,18 @@ class CacheMetrics(LookupCounts):
     """A snapshot of one cache object's counters (this process), plus the shared totals.
 
     ``queue_depth`` is None when the queue could not be asked; ``queue_available`` is False
-    after a failed queue call until one succeeds. ``outbox``: misses waiting for the sender
-    thread. ``shared``: the totals of every process and worker on this queue (None when the
-    queue could not be asked).
+    after a failed queue call until a send succeeds. ``refused``: keys the queue would not take
+    while it took others (``last_refused`` says why; such a key is offered again after a
+    while). ``outbox``: misses waiting for the sender thread. ``shared``: the totals of every
+    process and worker on this queue (None when the queue could not be asked).
     """
 
     queue_errors: int
     queue_available: bool
     queue_depth: int | None
     last_queue_error: str | None
+    refused: int
+    last_refused: str | None
     outbox: int
     shared: SharedMetrics | None
 
@@ -231,7 +234,8 @@ class EmbeddingCache:
         self._oov_kind, oov_vector = self._parse_oov(oov)
         self._set_oov(oov_vector)
         self._mean_at = time.monotonic()
-        self._closed = False
+        self._closed = False  # no new misses are taken
+        self._queue_closed = False  # close() closed the queue: whatever is left is dropped
         self._init_process_state()
         if self._oov_kind == "mean":
             self.refresh_mean()
@@ -241,11 +245,14 @@ class EmbeddingCache:
         """Locks, counters, outbox and sender thread of this process (fresh after a fork)."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._push_lock = threading.Lock()
         # calls, keys, fresh, stale: added to by the kernel inside each lookup (under the GIL)
         self._stats = np.zeros(4, dtype=np.int64)
         # what the Python side counts, under self._lock: keys that turned fresh while a lookup
         # waited (they were counted as missing or stale), enqueued keys, failed queue calls
-        self._counts = dict.fromkeys(("waited_from_oov", "waited_from_stale", "enqueued", "queue_errors"), 0)
+        self._counts = dict.fromkeys(("waited_from_oov", "waited_from_stale", "enqueued", "queue_errors", "refused"),
+                                     0)
+        self._refused_error: str | None = None
         self._pushed = dict.fromkeys(LOOKUP_COUNTERS, 0)
         self._queue_ok = True
         self._queue_error: str | None = None
@@ -304,6 +311,7 @@ class EmbeddingCache:
             keys = keys[pick] if isinstance(keys, np.ndarray) else [keys[i] for i in pick.tolist()]
         vectors, found = self.table.get(keys)
         rows = vectors[found]
+        rows = rows[np.isfinite(rows).all(axis=1)]  # put() stores NaN and inf as given; the OOV vector must be finite
         mean = rows.astype(np.float64).mean(axis=0) if len(rows) else np.zeros(self.table.dim)
         self._set_oov(mean)
         self._mean_at = time.monotonic()
@@ -318,6 +326,8 @@ class EmbeddingCache:
         that long for the keys not yet fresh and returns whatever is fresh by then. Keys of
         the wrong type raise ``KeyTypeError``.
         """
+        if type(keys) is not list and type(keys) is not np.ndarray:
+            keys = self.table._lookup_keys(keys)  # once: a generator would be used up by the first read
         # one kernel pass: vectors (the OOV vector for misses), statuses, and this cache's counters
         vectors, status, fresh = self.table.get_fresh(keys, self.model_version, self._max_age, self._oov[1],
                                                       stats=self._stats, stale_as_miss=self._stale_as_miss)
@@ -417,16 +427,33 @@ class EmbeddingCache:
         return not stop
 
     def _send(self, batch: list[Any]) -> None:
+        if self._queue_closed:
+            with self._lock:
+                self._pending -= len(batch)
+            return
         try:
             added = self.queue.enqueue(batch)
-        except Exception as exc:
+        except QueueUnavailableError as exc:
             with self._lock:
                 self._pending -= len(batch)
                 self._queue_failed(exc)
                 # not sent: let the next lookup of these keys submit them again
                 self._sent_recent.difference_update(batch)
                 self._sent_older.difference_update(batch)
-            time.sleep(QUEUE_RETRY_SECONDS)
+            if not self._closed:
+                time.sleep(QUEUE_RETRY_SECONDS)
+            return
+        except Exception as exc:  # the queue refused a key (one it cannot encode, say)
+            if len(batch) > 1:
+                # misses of many lookups share a batch: halve it until the refused key is alone
+                mid = len(batch) // 2
+                self._send(batch[:mid])
+                self._send(batch[mid:])
+                return
+            with self._lock:  # the key stays in the sent set: not retried before the next rotation
+                self._pending -= 1
+                self._counts["refused"] += 1
+                self._refused_error = f"{type(exc).__name__} for key {batch[0]!r}: {exc}"
             return
         with self._lock:
             self._pending -= len(batch)
@@ -441,7 +468,7 @@ class EmbeddingCache:
 
     def _totals(self) -> dict[str, int]:
         """This process's lookup counters, kernel counts and waits combined. Lock held."""
-        calls, keys, fresh, stale = (int(x) for x in self._stats)
+        calls, keys, fresh, stale = self._stats.tolist()  # one read: a lookup may add meanwhile
         c = self._counts
         hits = fresh + c["waited_from_oov"] + c["waited_from_stale"]
         stale_served = stale - c["waited_from_stale"]
@@ -450,19 +477,20 @@ class EmbeddingCache:
 
     def _push_counters(self) -> None:
         """Add what this process counted since the last push to the queue's shared counters."""
-        with self._lock:
-            totals = self._totals()
-            deltas = {k: totals[k] - self._pushed[k] for k in LOOKUP_COUNTERS}
-            deltas = {k: v for k, v in deltas.items() if v}
-        if not deltas:
-            return
-        try:
-            self.queue.add_counters({k: float(v) for k, v in deltas.items()})
-        except Exception:
-            return
-        with self._lock:
-            for k, v in deltas.items():
-                self._pushed[k] += v
+        with self._push_lock:  # close() may push while a stuck sender wakes up: never the same deltas twice
+            with self._lock:
+                totals = self._totals()
+                deltas = {k: totals[k] - self._pushed[k] for k in LOOKUP_COUNTERS}
+                deltas = {k: v for k, v in deltas.items() if v}
+            if not deltas:
+                return
+            try:
+                self.queue.add_counters({k: float(v) for k, v in deltas.items()})
+            except Exception:  # pushed later, with what is counted by then
+                return
+            with self._lock:
+                for k, v in deltas.items():
+                    self._pushed[k] += v
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the misses seen so far were handed to the queue (or failed); True if so."""
@@ -486,9 +514,14 @@ class EmbeddingCache:
         Keys the queue gave up on are queued again: the new model may well compute them.
         Workers must be started with the same version to write fresh vectors.
         """
-        new = self.model_version + 1 if version is None else int(version)
-        make_tag(new, 0)
-        self.model_version = new
+        new = self.model_version + 1 if version is None else version
+        if isinstance(new, bool) or not isinstance(new, (int, np.integer)):
+            raise SchemaError(f"model version must be an int, got {new!r}")
+        if new < self.model_version:
+            raise SchemaError(f"model versions only go up ({self.model_version} now, {new} asked): vectors of "
+                              "a newer version would count as fresh; give a rolled-back model a new number")
+        make_tag(int(new), 0)
+        self.model_version = int(new)
         with self._lock:  # keys sent for the old version must be sent again when they miss
             self._sent_recent, self._sent_older = set(), set()
         try:
@@ -503,10 +536,10 @@ class EmbeddingCache:
         depth: int | None = None
         shared: SharedMetrics | None = None
         try:
+            # a read that works says nothing about sends (a file may be readable, not writable):
+            # only a successful send clears queue_available
             depth = self.queue.depth()
             shared = SharedMetrics.from_counters(self.queue.counters())
-            with self._lock:
-                self._queue_ok, self._queue_error = True, None
         except QueueUnavailableError as exc:
             with self._lock:
                 self._queue_failed(exc)
@@ -516,6 +549,7 @@ class EmbeddingCache:
                                 stale_served=t["stale_served"], enqueued=t["enqueued"],
                                 queue_errors=self._counts["queue_errors"], queue_available=self._queue_ok,
                                 queue_depth=depth, last_queue_error=self._queue_error,
+                                refused=self._counts["refused"], last_refused=self._refused_error,
                                 outbox=self._pending, shared=shared)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -523,15 +557,16 @@ class EmbeddingCache:
 
         The store and tables belong to the caller.
         """
-        self.flush(timeout)
         with self._lock:
-            self._closed = True
+            self._closed = True  # first: lookups still running on other threads add no more misses
             sender = self._sender
+        self.flush(timeout)
         if sender is not None and sender.is_alive():
             self._outbox.put(None)  # the sender pushes the counters one last time and ends
             sender.join(timeout)
-        else:
-            self._push_counters()
+        if sender is None or sender.is_alive():
+            self._push_counters()  # no sender, or one stuck on the queue: push from here
+        self._queue_closed = True
         self.queue.close()
 
     def __enter__(self) -> EmbeddingCache:
@@ -549,7 +584,7 @@ def _sender_main(ref: weakref.ReferenceType[EmbeddingCache]) -> None:
         try:
             if not cache._send_step():
                 return
-        except Exception:
+        except Exception:  # a bug in one round must not stop misses from being queued for good
             time.sleep(QUEUE_RETRY_SECONDS)
         del cache  # between rounds only the weak reference remains
 

@@ -84,17 +84,25 @@ def check_key_type(key_type: str) -> str:
     return key_type
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def normalize_keys(keys: Iterable[Any], key_type: str) -> list[Key]:
     """Keys as plain Python ints (int64 queues) or str/bytes (str queues); KeyTypeError otherwise."""
     if type(keys) is list:  # the common case, checked without a Python loop per key
         types = set(map(type, keys))
-        if types <= ({int} if key_type == "int64" else {str, bytes}):
+        if key_type == "str" and types <= {str, bytes}:
+            return keys
+        if key_type == "int64" and types <= {int} and (not keys or (min(keys) >= _INT64_MIN
+                                                                     and max(keys) <= _INT64_MAX)):
             return keys
     out: list[Key] = []
     for k in keys:
         if key_type == "int64":
             if isinstance(k, (bool, str, bytes)) or not hasattr(k, "__index__"):
                 raise KeyTypeError(f"int64 queue: keys must be integers, got {type(k).__name__}")
+            if not _INT64_MIN <= int(k) <= _INT64_MAX:
+                raise KeyTypeError(f"int64 queue: key {int(k)} is outside the int64 range")
             out.append(int(k))
         else:
             if not isinstance(k, (str, bytes)):
@@ -215,6 +223,28 @@ _LEASE_SQL = "UPDATE items SET state = 1, lease_until = ?, token = ? WHERE rowid
 # state leads both indexes: the count walks index entries of pending keys, not the table's rows
 # nor the given-up keys (which pile up until retry_failed)
 _DEPTH_SQL = "SELECT COUNT(*) FROM items WHERE state IN (0, 1)"
+# guards the per-process reset of SQLiteQueue connections; fresh in every child (never inherited held)
+_FORK_LOCK = threading.Lock()
+
+
+def _new_fork_lock() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_fork_lock)
+
+@functools.lru_cache(maxsize=1)
+def _sqlite_has_json() -> bool:
+    """Whether the SQLite linked into Python has json_each (built in since 3.38, often before)."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        try:
+            db.execute("SELECT count(*) FROM json_each('[1]')").fetchone()
+        except sqlite3.Error:
+            return False
+    return True
+
+
 _ENQUEUE_CHUNK = 4096  # keys per INSERT statement (the bound-parameter path stays under SQLite's 32766)
 _ENQUEUE_JSON_SQL = ("INSERT OR IGNORE INTO items(key, state, attempts, ready_at, enqueued_at) "
                      "SELECT value, 0, 0, ?1, ?1 FROM json_each(?2)")
@@ -251,6 +281,7 @@ class SQLiteQueue(WorkQueue):
                 db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
+        self._has_json = _sqlite_has_json()
 
     @classmethod
     def beside(cls, store: Any, table: str, **kwargs: Any) -> SQLiteQueue:
@@ -269,9 +300,11 @@ class SQLiteQueue(WorkQueue):
         connection is closed while another thread is inside a call on it.
         """
         if self._conn_pid != os.getpid():
-            # a connection must not cross a fork, and a lock copied by fork may be held by a
-            # thread that does not exist here: start both afresh (the parent's stay the parent's)
-            self._lock, self._db, self._conn_pid = threading.Lock(), None, os.getpid()
+            with _FORK_LOCK:  # two threads of a forked child: one of them starts afresh
+                if self._conn_pid != os.getpid():
+                    # a connection must not cross a fork, and a lock copied by fork may be held
+                    # by a thread that does not exist here (the parent's stay the parent's)
+                    self._lock, self._db, self._conn_pid = threading.Lock(), None, os.getpid()
         with self._lock:
             if self._closed:
                 raise QueueUnavailableError(f"queue {self.path}: closed")
@@ -324,8 +357,9 @@ class SQLiteQueue(WorkQueue):
         now = time.time()
         added = 0
         # ints and str travel as one JSON array per chunk (one parameter, one fixed statement:
-        # little work with the GIL held); a chunk with bytes keys binds each key
-        as_json = set(map(type, ks)) <= {int, str}
+        # little work with the GIL held); a call with a bytes key binds its keys one by one, as
+        # does a SQLite built without JSON functions
+        as_json = self._has_json and set(map(type, ks)) <= {int, str}
         with self._locked() as db:
             # one statement per chunk, in its own implicit transaction: SQLite holds the write
             # lock only while it runs, with the GIL released. A BEGIN ... COMMIT of several calls
@@ -513,12 +547,19 @@ class RedisStreamQueue(WorkQueue):
                     raise
         self._group_ready = True
 
-    def _encode(self, key: Key) -> str:
-        return key.decode() if isinstance(key, bytes) else str(key)
+    def _encode(self, key: Key) -> str | bytes:
+        # bytes go as they are (Redis strings are binary): a key that is not UTF-8 stays a key
+        return key if isinstance(key, bytes) else str(key)
 
     def _decode(self, raw: bytes | str) -> Key:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        return int(text) if self.key_type == "int64" else text
+        if self.key_type == "int64":
+            return int(raw)
+        if isinstance(raw, bytes):
+            try:
+                return raw.decode()
+            except UnicodeDecodeError:
+                return raw  # as it was queued: embkv tables take such keys as bytes
+        return raw
 
     def enqueue(self, keys: Iterable[Any]) -> int:
         ks = [self._encode(k) for k in normalize_keys(keys, self.key_type)]

@@ -345,6 +345,8 @@ class Table:
         int64 ``[4]`` array that calls, keys, fresh and stale rows are added to (safe across
         threads).
         """
+        if min_version < 0 or max_age < 0:
+            raise SchemaError(f"min_version and max_age must not be negative, got {min_version}, {max_age}")
         k = self._lookup_keys(keys)
         n = len(k)
         out = np.empty((n, self.dim), dtype=self.dtype)
