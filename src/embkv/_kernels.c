@@ -601,15 +601,56 @@ done_out:
 }
 
 #define GET_OPTS_INIT {Py_None, Py_None, -1, 0, Py_None, 0}
-#define GET_OPTS_FORMAT "|OOLKOp"
-#define GET_OPTS_ARGS(o) &(o).default_o, &(o).tags_o, &(o).min_version, &(o).max_age, &(o).stats_o, &(o).stale_as_miss
 
-static PyObject *View_get_int(View *self, PyObject *args)
+/* the get entry points are METH_FASTCALL (no argument tuple, no format string to interpret):
+ * a lookup of one key costs about as much in argument handling as in the probe itself.
+ * args[0 .. nreq-1] are the required arguments; then default, tags, min_version, max_age,
+ * stats, stale_as_miss, each optional */
+static int parse_get_args(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t nreq,
+                          get_opts_t *opt)
 {
-    PyObject *keys_o, *out_o, *found_o;
+    if (nargs < nreq || nargs > nreq + 6) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd to %zd arguments (%zd given)", name, nreq, nreq + 6, nargs);
+        return -1;
+    }
+    PyObject *const *o = args + nreq;
+    Py_ssize_t n = nargs - nreq;
+    if (n > 0)
+        opt->default_o = o[0];
+    if (n > 1)
+        opt->tags_o = o[1];
+    if (n > 2) {
+        opt->min_version = PyLong_AsLongLong(o[2]);
+        if (opt->min_version == -1 && PyErr_Occurred())
+            return -1;
+    }
+    if (n > 3) {
+        long long age = PyLong_AsLongLong(o[3]);
+        if (age == -1 && PyErr_Occurred())
+            return -1;
+        if (age < 0) {
+            PyErr_SetString(PyExc_ValueError, "max_age must not be negative");
+            return -1;
+        }
+        opt->max_age = (unsigned long long)age;
+    }
+    if (n > 4)
+        opt->stats_o = o[4];
+    if (n > 5) {
+        int t = PyObject_IsTrue(o[5]);
+        if (t < 0)
+            return -1;
+        opt->stale_as_miss = t;
+    }
+    return 0;
+}
+
+static PyObject *View_get_int(View *self, PyObject *const *args, Py_ssize_t nargs)
+{
     get_opts_t opt = GET_OPTS_INIT;
-    if (!PyArg_ParseTuple(args, "OOO" GET_OPTS_FORMAT, &keys_o, &out_o, &found_o, GET_OPTS_ARGS(opt)))
+    if (parse_get_args("get_int", args, nargs, 3, &opt) < 0)
         return NULL;
+    PyObject *keys_o = args[0], *out_o = args[1], *found_o = args[2];
     if (require_keys(self, KEY_INT) < 0)
         return NULL;
     Py_buffer kb;
@@ -625,12 +666,12 @@ static PyObject *View_get_int(View *self, PyObject *args)
     return res;
 }
 
-static PyObject *View_get_strlist(View *self, PyObject *args)
+static PyObject *View_get_strlist(View *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *keys_o, *out_o, *found_o;
     get_opts_t opt = GET_OPTS_INIT;
-    if (!PyArg_ParseTuple(args, "OOO" GET_OPTS_FORMAT, &keys_o, &out_o, &found_o, GET_OPTS_ARGS(opt)))
+    if (parse_get_args("get_strlist", args, nargs, 3, &opt) < 0)
         return NULL;
+    PyObject *keys_o = args[0], *out_o = args[1], *found_o = args[2];
     if (require_keys(self, KEY_STR) < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(keys_o, "keys must be a sequence of str or bytes");
@@ -677,12 +718,12 @@ out:
     return res;
 }
 
-static PyObject *View_get_str(View *self, PyObject *args)
+static PyObject *View_get_str(View *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *h, *o, *b, *out_o, *found_o;
     get_opts_t opt = GET_OPTS_INIT;
-    if (!PyArg_ParseTuple(args, "OOOOO" GET_OPTS_FORMAT, &h, &o, &b, &out_o, &found_o, GET_OPTS_ARGS(opt)))
+    if (parse_get_args("get_str", args, nargs, 5, &opt) < 0)
         return NULL;
+    PyObject *h = args[0], *o = args[1], *b = args[2], *out_o = args[3], *found_o = args[4];
     if (require_keys(self, KEY_STR) < 0)
         return NULL;
     packed_t pk;
@@ -1237,12 +1278,12 @@ static PyObject *set_errors(PyObject *mod, PyObject *args)
 }
 
 static PyMethodDef View_methods[] = {
-    {"get_int", (PyCFunction)View_get_int, METH_VARARGS,
+    {"get_int", (PyCFunction)(void (*)(void))View_get_int, METH_FASTCALL,
      "get_int(keys, out|None, found[, default, tags, min_version, max_age, stats, stale_as_miss]) -> hits, or -1 if "
      "the file was superseded. min_version >= 0: found[i] = 0 fresh, 1 miss, 2 stale (by the row's tag)"},
-    {"get_str", (PyCFunction)View_get_str, METH_VARARGS,
+    {"get_str", (PyCFunction)(void (*)(void))View_get_str, METH_FASTCALL,
      "get_str(hashes, offsets, blob, out|None, found[, default, tags, min_version, max_age, stats, stale_as_miss])"},
-    {"get_strlist", (PyCFunction)View_get_strlist, METH_VARARGS,
+    {"get_strlist", (PyCFunction)(void (*)(void))View_get_strlist, METH_FASTCALL,
      "get_strlist(keys, out|None, found[, default, ...]): like get_int, string keys read from a list"},
     {"put_int", (PyCFunction)View_put_int, METH_VARARGS,
      "put_int(keys, vectors[, tags]) -> False if the table must grow"},

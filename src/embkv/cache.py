@@ -225,10 +225,10 @@ class EmbeddingCache:
                                                                         busy_timeout=SENDER_QUEUE_TIMEOUT)
         if self.queue.key_type != self.table.key_type:
             raise SchemaError(f"queue keys are {self.queue.key_type}, table {name!r} keys are {self.table.key_type}")
-        self.model_version = int(model_version)
-        self.ttl = ttl
+        self._model_version = int(model_version)
+        self._ttl = ttl
         self._max_age = 0 if ttl is None else max(1, round(ttl))  # fill times are whole seconds
-        self.stale_policy = stale_policy
+        self._stale_policy = stale_policy
         self._stale_as_miss = stale_policy == "miss"
         self.mean_refresh = float(mean_refresh)
         self._oov_kind, oov_vector = self._parse_oov(oov)
@@ -239,6 +239,7 @@ class EmbeddingCache:
         self._init_process_state()
         if self._oov_kind == "mean":
             self.refresh_mean()
+        self._update_read_args()
         os.register_at_fork(after_in_child=functools.partial(_reset_in_child, weakref.ref(self)))
 
     def _init_process_state(self) -> None:
@@ -246,8 +247,9 @@ class EmbeddingCache:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._push_lock = threading.Lock()
-        # calls, keys, fresh, stale: added to by the kernel inside each lookup (under the GIL)
-        self._stats = np.zeros(4, dtype=np.int64)
+        # calls, keys, fresh, stale: added to by the kernel inside each lookup (under the GIL);
+        # a memoryview because handing it to the kernel costs less than a numpy array's buffer
+        self._stats = memoryview(bytearray(32)).cast("q")
         # what the Python side counts, under self._lock: keys that turned fresh while a lookup
         # waited (they were counted as missing or stale), enqueued keys, failed queue calls
         self._counts = dict.fromkeys(("waited_from_oov", "waited_from_stale", "enqueued", "queue_errors", "refused"),
@@ -269,6 +271,27 @@ class EmbeddingCache:
     def _after_fork(self) -> None:
         # only the forking thread survives: locks may be held by threads that no longer exist
         self._init_process_state()
+        self._update_read_args()
+
+    def _update_read_args(self) -> None:
+        """The arguments of every lookup's read, as one tuple: a lookup reads them in one step
+        (never a new version with an old OOV vector) and cheaper than five attributes."""
+        self._read_args = (self._model_version, self._max_age, self._oov[1], self._stats, self._stale_as_miss)
+
+    @property
+    def model_version(self) -> int:
+        """The version fresh vectors must carry (change it with :meth:`bump_model_version`)."""
+        return self._model_version
+
+    @property
+    def ttl(self) -> float | None:
+        """Seconds after its fill time that a vector turns stale (None: never)."""
+        return self._ttl
+
+    @property
+    def stale_policy(self) -> str:
+        """``"serve"``: stale vectors are served (status STALE); ``"miss"``: treated as misses."""
+        return self._stale_policy
 
     def __repr__(self) -> str:
         return (f"<embkv.EmbeddingCache {self.table.name!r} version={self.model_version} ttl={self.ttl} "
@@ -294,6 +317,8 @@ class EmbeddingCache:
         # one attribute holds both forms, so a lookup never pairs a new vector with old bytes
         vec = np.ascontiguousarray(vector, dtype=self.table.dtype)
         self._oov = (vec, vec.tobytes())
+        if "_read_args" in self.__dict__:
+            self._update_read_args()
 
     def oov_vector(self) -> np.ndarray:
         """The vector currently served for misses (a copy)."""
@@ -329,8 +354,8 @@ class EmbeddingCache:
         if type(keys) is not list and type(keys) is not np.ndarray:
             keys = self.table._lookup_keys(keys)  # once: a generator would be used up by the first read
         # one kernel pass: vectors (the OOV vector for misses), statuses, and this cache's counters
-        vectors, status, fresh = self.table.get_fresh(keys, self.model_version, self._max_age, self._oov[1],
-                                                      stats=self._stats, stale_as_miss=self._stale_as_miss)
+        a = self._read_args  # indexed, not *unpacked: a star call costs more than the whole check
+        vectors, status, fresh = self.table.get_fresh(keys, a[0], a[1], a[2], a[3], a[4])
         if fresh == len(status):  # every key fresh: the common case ends here
             return vectors, status
         return self._with_misses(keys, vectors, status, wait)
@@ -521,7 +546,8 @@ class EmbeddingCache:
             raise SchemaError(f"model versions only go up ({self.model_version} now, {new} asked): vectors of "
                               "a newer version would count as fresh; give a rolled-back model a new number")
         make_tag(int(new), 0)
-        self.model_version = int(new)
+        self._model_version = int(new)
+        self._update_read_args()
         with self._lock:  # keys sent for the old version must be sent again when they miss
             self._sent_recent, self._sent_older = set(), set()
         try:

@@ -238,7 +238,8 @@ class NumpyView:
             stale[:] = False
         fresh = int(np.count_nonzero(found_arr == STATUS_FRESH))
         if stats is not None:
-            if not (isinstance(stats, np.ndarray) and stats.dtype == np.int64 and stats.shape == (4,)):
+            view = memoryview(stats)
+            if view.itemsize != 8 or view.format[-1:] not in ("l", "q") or view.nbytes != 32:
                 raise ValueError("stats must be an int64 array of 4")
             with _STATS_LOCK:  # the C kernel adds under the GIL; numpy's += is several steps
                 st = np.frombuffer(stats, dtype=np.int64)

@@ -332,8 +332,8 @@ class Table:
             return self.get_tagged(keys, default)
         return out, found, tags
 
-    def get_fresh(self, keys: Any, min_version: int, max_age: int = 0, default: Any = None, *,
-                  stats: np.ndarray | None = None, stale_as_miss: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    def get_fresh(self, keys: Any, min_version: int, max_age: int = 0, default: Any = None,
+                  stats: Any = None, stale_as_miss: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
         """Vectors, a freshness status per key, and how many are fresh, in one pass.
 
         ``status[i]`` (int8) is 0 (fresh: present and untagged, or its tag has version
@@ -342,18 +342,18 @@ class Table:
         ``default``) or 2 (present but older; with ``stale_as_miss`` reported as missing and
         given ``default`` too). These are the values of ``embkv.HIT``, ``embkv.OOV`` and
         ``embkv.STALE``; :class:`embkv.EmbeddingCache` is built on this call. ``stats``: an
-        int64 ``[4]`` array that calls, keys, fresh and stale rows are added to (safe across
-        threads).
+        int64 ``[4]`` buffer (numpy array, or ``memoryview(bytearray(32)).cast("q")``, cheaper
+        to pass) that calls, keys, fresh and stale rows are added to (safe across threads).
         """
-        if min_version < 0 or max_age < 0:
-            raise SchemaError(f"min_version and max_age must not be negative, got {min_version}, {max_age}")
+        if min_version < 0:  # (the kernel checks max_age)
+            raise SchemaError(f"min_version must not be negative, got {min_version}")
         k = self._lookup_keys(keys)
         n = len(k)
         out = np.empty((n, self.dim), dtype=self.dtype)
         status = np.empty(n, dtype=np.int8)
         fresh = self._gather(k, out, status, default, None, min_version, max_age, stats, stale_as_miss)
         if fresh < 0:
-            return self.get_fresh(keys, min_version, max_age, default, stats=stats, stale_as_miss=stale_as_miss)
+            return self.get_fresh(keys, min_version, max_age, default, stats, stale_as_miss)
         return out, status, fresh
 
     def _lookup_keys(self, keys: Any) -> Any:
@@ -368,7 +368,7 @@ class Table:
         return str_keys_as_list(keys)
 
     def _gather(self, k: Any, out: np.ndarray, found: np.ndarray, default: Any, tags: np.ndarray | None = None,
-                min_version: int = -1, max_age: int = 0, stats: np.ndarray | None = None,
+                min_version: int = -1, max_age: int = 0, stats: Any = None,
                 stale_as_miss: bool = False) -> int:
         """Run the kernel's read on the newest version; -1 if the schema changed under the keys."""
         if default is None or (type(default) is bytes and len(default) == self._vec_bytes):
