@@ -42,7 +42,7 @@ from .format import make_tag
 from .queue import QueueUnavailableError, SQLiteQueue, WorkQueue
 from .store import Store
 
-__all__ = ["HIT", "OOV", "STALE", "CacheMetrics", "EmbeddingCache", "FillMetrics", "SharedMetrics"]
+__all__ = ["HIT", "OOV", "STALE", "CacheMetrics", "EmbeddingCache", "FillMetrics", "LookupCounts", "SharedMetrics"]
 
 HIT = 0    # the table's vector, made by the current model version and within the TTL
 OOV = 1    # the OOV vector: the key is missing (or stale under stale_policy="miss"); it is queued
