@@ -64,3 +64,27 @@ def zipf_cdf(n: int, exponent: float) -> NDArray[np.float64]:
     cdf = np.cumsum(np.arange(1, n + 1, dtype=np.float64) ** -exponent)
     cdf /= cdf[-1]
     return cdf
+
+
+# ---------------------------------------------------------------------------- data
+
+KEY_HIGH = 2**62  # benchmark keys are drawn uniformly from [0, KEY_HIGH): sparse ids, not 0..N-1
+
+
+def distinct_int_keys(rng: np.random.Generator, n: int) -> NDArray[np.int64]:
+    """``n`` distinct random int64 keys in [0, KEY_HIGH), in random order."""
+    keys = rng.integers(0, KEY_HIGH, n, dtype=np.int64)
+    while True:
+        _, first = np.unique(keys, return_index=True)
+        if len(first) == n:
+            return keys
+        keys = np.concatenate([keys[np.sort(first)], rng.integers(0, KEY_HIGH, n - len(first), dtype=np.int64)])
+
+
+def make_miss_pool(rng: np.random.Generator, keys: NDArray[np.int64], size: int) -> NDArray[np.int64]:
+    """``size`` distinct int64 keys from the same range as ``keys`` but not among them."""
+    pool = np.empty(0, dtype=np.int64)
+    while len(pool) < size:
+        cand = rng.integers(0, KEY_HIGH, 2 * size, dtype=np.int64)
+        pool = np.unique(np.concatenate([pool, cand[~np.isin(cand, keys)]]))
+    return rng.permutation(pool)[:size]

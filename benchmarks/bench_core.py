@@ -34,13 +34,22 @@ import psutil
 from numpy.typing import NDArray
 
 import embkv
-from _common import REPO, command_line, cpu_model, git_describe, make_log, raise_exit, zipf_cdf
+from _common import (
+    REPO,
+    command_line,
+    cpu_model,
+    distinct_int_keys,
+    git_describe,
+    make_log,
+    make_miss_pool,
+    raise_exit,
+    zipf_cdf,
+)
 
 log = make_log("bench_core")
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "core.md"
 TABLE_INT = "items"
 TABLE_STR = "items_str"
-KEY_HIGH = 2**62  # keys are drawn uniformly from [0, KEY_HIGH): sparse, not dense ids
 ZIPF_EXPONENT = 1.05
 MISS_RATE = 0.01
 BLOCKS = 5  # calls are timed in blocks, alternating which contender runs first, to even out drift
@@ -80,29 +89,13 @@ def seed_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator, n
 def make_data(n: int, dim: int, seed: int) -> tuple[IntArray, FloatArray]:
     """N distinct random int64 keys in [0, 2**62) (random order) and their float32 vectors."""
     rng = seed_streams(seed)[0]
-    keys = rng.integers(0, KEY_HIGH, n, dtype=np.int64)
-    while True:
-        _, first = np.unique(keys, return_index=True)
-        if len(first) == n:
-            break
-        keys = np.concatenate([keys[np.sort(first)],
-                               rng.integers(0, KEY_HIGH, n - len(first), dtype=np.int64)])
+    keys = distinct_int_keys(rng, n)
     vectors = rng.standard_normal((n, dim), dtype=np.float32)
     return keys, vectors
 
 
 def str_key(key: int) -> str:
     return f"item:{key}"
-
-
-def make_miss_pool(rng: np.random.Generator, keys: IntArray, size: int) -> IntArray:
-    """``size`` distinct int64 keys from the same range as ``keys`` but not in the table."""
-    pool = np.empty(0, dtype=np.int64)
-    while len(pool) < size:
-        cand = rng.integers(0, KEY_HIGH, 2 * size, dtype=np.int64)
-        cand = cand[~np.isin(cand, keys)]
-        pool = np.unique(np.concatenate([pool, cand]))
-    return rng.permutation(pool)[:size]
 
 
 @dataclasses.dataclass

@@ -47,12 +47,21 @@ import psutil
 from numpy.typing import NDArray
 
 import embkv
-from _common import REPO, command_line, cpu_model, git_describe, make_log, raise_exit, zipf_cdf
+from _common import (
+    REPO,
+    command_line,
+    cpu_model,
+    distinct_int_keys,
+    git_describe,
+    make_log,
+    make_miss_pool,
+    raise_exit,
+    zipf_cdf,
+)
 
 log = make_log("bench_lookup")
 DEFAULT_OUT_DIR = REPO / "docs" / "benchmarks"
 TABLE = "items"
-KEY_HIGH = 2**62  # keys are drawn uniformly from [0, KEY_HIGH): sparse ids, not 0..N-1
 ZIPF_EXPONENT = 1.05
 MISS_RATE = 0.01
 BATCHES = (1, 16, 256, 1024)
@@ -107,23 +116,9 @@ class BenchError(RuntimeError):
 def make_data(n: int, dim: int, seed: int) -> tuple[IntArray, FloatArray]:
     """N distinct random int64 keys in [0, 2**62) (random order) and their float32 vectors."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, dim, 0]))
-    keys = rng.integers(0, KEY_HIGH, n, dtype=np.int64)
-    while True:
-        _, first = np.unique(keys, return_index=True)
-        if len(first) == n:
-            break
-        keys = np.concatenate([keys[np.sort(first)], rng.integers(0, KEY_HIGH, n - len(first), dtype=np.int64)])
+    keys = distinct_int_keys(rng, n)
     vectors = rng.standard_normal((n, dim), dtype=np.float32)
     return keys, vectors
-
-
-def make_miss_pool(rng: np.random.Generator, keys: IntArray, size: int) -> IntArray:
-    """``size`` distinct int64 keys from the same range as ``keys`` but not among them."""
-    pool = np.empty(0, dtype=np.int64)
-    while len(pool) < size:
-        cand = rng.integers(0, KEY_HIGH, 2 * size, dtype=np.int64)
-        pool = np.unique(np.concatenate([pool, cand[~np.isin(cand, keys)]]))
-    return rng.permutation(pool)[:size]
 
 
 def str_key(key: int) -> str:

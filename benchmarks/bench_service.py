@@ -45,7 +45,7 @@ import psutil
 from numpy.typing import NDArray
 
 import embkv
-from _common import command_line, cpu_model, make_log, raise_exit, zipf_cdf
+from _common import command_line, cpu_model, distinct_int_keys, make_log, make_miss_pool, raise_exit, zipf_cdf
 
 BENCH_DIR = Path(__file__).resolve().parent
 log = make_log("bench_service")
@@ -55,7 +55,6 @@ import service_app  # noqa: E402  (the app's query vector and environment names)
 
 DEFAULT_OUT_DIR = REPO / "docs" / "benchmarks"
 TABLE = "items"
-KEY_HIGH = 2**62  # keys are drawn uniformly from [0, KEY_HIGH): sparse ids, not 0..N-1
 ZIPF_EXPONENT = 1.05
 MISS_RATE = 0.01
 KEYS_PER_REQUEST = 100
@@ -143,21 +142,8 @@ class Settings:
 
 def make_data(n: int, dim: int, rng: np.random.Generator) -> tuple[IntArray, FloatArray]:
     """N distinct random int64 keys in [0, 2**62) and their float32 vectors."""
-    keys = rng.integers(0, KEY_HIGH, n, dtype=np.int64)
-    while True:
-        _, first = np.unique(keys, return_index=True)
-        if len(first) == n:
-            break
-        keys = np.concatenate([keys[np.sort(first)], rng.integers(0, KEY_HIGH, n - len(first), dtype=np.int64)])
+    keys = distinct_int_keys(rng, n)
     return keys, rng.standard_normal((n, dim), dtype=np.float32)
-
-
-def make_miss_pool(rng: np.random.Generator, keys: IntArray, size: int) -> IntArray:
-    pool = np.empty(0, dtype=np.int64)
-    while len(pool) < size:
-        cand = rng.integers(0, KEY_HIGH, 2 * size, dtype=np.int64)
-        pool = np.unique(np.concatenate([pool, cand[~np.isin(cand, keys)]]))
-    return rng.permutation(pool)[:size]
 
 
 @dataclasses.dataclass
