@@ -42,10 +42,10 @@ def test_c_kernel_is_in_use():
     assert embkv.KERNEL_BACKEND == "c"
 
 
-def test_table_and_error_suites_pass_on_numpy_kernel():
+def test_table_error_and_cache_suites_pass_on_numpy_kernel():
     session = "np" + uuid.uuid4().hex[:10]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_table.py", "tests/test_errors.py", "-q",
+        [sys.executable, "-m", "pytest", "tests/test_table.py", "tests/test_errors.py", "tests/test_cache.py", "-q",
          "-p", "no:cacheprovider", "-x"],
         cwd=ROOT, env=numpy_env(EMBKV_TEST_SESSION=session), capture_output=True, text=True, timeout=240,
     )
