@@ -207,3 +207,79 @@ def test_numpy_kernel_recovery_completes_a_batch_that_filled_the_table(store_pat
     status, text = fork_and_run(_numpy_kernel_child(lambda: len(embkv.open(store_path)["t"])))  # recovers
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert int(text) in (0, 16), f"{text} of the batch's 16 keys are present after recovery"
+
+
+# ---------------------------------------------------------------- a publisher killed between rename and flag
+
+
+def _die_right_after(call: str, path_suffix: str) -> None:
+    """In a forked child: SIGKILL the process right after ``os.<call>`` acts on a path ending with
+    ``path_suffix`` (the new version renamed into place, or the dropped table unlinked)."""
+    real = getattr(os, call)
+
+    def dying(*args: object, **kwargs: object) -> object:
+        result = real(*args, **kwargs)
+        if str(args[-1] if call == "rename" else args[0]).endswith(path_suffix):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(os, call, dying)
+
+
+def test_readers_learn_of_a_version_whose_publisher_died_before_the_flag(store_path):
+    with embkv.open(store_path) as s:
+        s.create_table("t", 4, capacity=16).put(np.arange(10), encode(np.arange(10), 1, 4))
+    reader = embkv.open(store_path, readonly=True)["t"]
+    old_capacity = reader.capacity
+
+    def grow_and_die() -> None:
+        t = embkv.open(store_path)["t"]
+        _die_right_after("rename", "t.ekv")
+        t.put(np.arange(100, 200), encode(np.arange(100, 200), 1, 4))  # grows: a new version
+
+    status, text = fork_and_run(grow_and_die)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, text
+    assert os.path.exists(os.path.join(store_path, ".t.ekv.prev"))
+    assert reader.capacity == old_capacity  # nobody told the reader yet: it reads the old version
+    with embkv.open(store_path):  # a writable open finishes the dead publisher's work
+        pass
+    assert not os.path.exists(os.path.join(store_path, ".t.ekv.prev"))
+    assert reader.capacity > old_capacity, "the reader still reads the replaced version"
+    vectors, found = reader.get(np.arange(10))
+    assert found.all() and (check_vectors(np.arange(10), vectors) == 1).all()
+    reader.close()
+
+
+def test_next_writer_finishes_a_publish_and_a_publish_that_never_renamed_flags_nothing(store_path):
+    with embkv.open(store_path) as s:
+        s.create_table("t", 4, capacity=16).put(np.arange(10), encode(np.arange(10), 1, 4))
+    reader = embkv.open(store_path, readonly=True)["t"]
+    # a publisher that died after linking the old version but before its rename
+    os.link(os.path.join(store_path, "t.ekv"), os.path.join(store_path, ".t.ekv.prev"))
+    writer = embkv.open(store_path)["t"]
+    writer.put([11], encode([11], 1, 4))  # takes the lock: removes the link, flags nothing
+    assert not os.path.exists(os.path.join(store_path, ".t.ekv.prev"))
+    _, found = reader.get([0, 11])  # the current file was not flagged superseded
+    assert found.all()
+    writer.close()
+    reader.close()
+
+
+def test_readers_learn_of_a_drop_whose_dropper_died_before_the_flag(store_path):
+    with embkv.open(store_path) as s:
+        s.create_table("t", 4).put([1], encode([1], 1, 4))
+    reader = embkv.open(store_path, readonly=True)["t"]
+
+    def drop_and_die() -> None:
+        store = embkv.open(store_path)
+        _die_right_after("unlink", "/t.ekv")
+        store.drop_table("t")
+
+    status, text = fork_and_run(drop_and_die)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, text
+    assert reader.get([1])[1].all()  # still the dropped file
+    with embkv.open(store_path):
+        pass
+    with pytest.raises(embkv.TableNotFoundError):
+        reader.get([1])
+    reader.close()

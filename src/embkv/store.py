@@ -30,6 +30,7 @@ from .table import (
     as_str_keys,
     check_name,
     copy_version,
+    keep_previous,
     remove_stale_temps,
     storage_error,
     target_is_durable,
@@ -250,10 +251,12 @@ class Store:
         self._require_writable()
         table = self[name]
         with table._writing() as m:
+            prev = keep_previous(table.path)  # see Table._install: flagged later if we die before the flag
             os.unlink(table.path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(wal_path(table.path))
             m.counters[Counter.SUPERSEDED] = 1
+            os.unlink(prev)
         table.close()
         self._tables.pop(name, None)
 

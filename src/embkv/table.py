@@ -18,6 +18,7 @@ import fcntl
 import mmap
 import os
 import re
+import struct
 import threading
 import time
 import uuid
@@ -36,7 +37,7 @@ from .errors import (
     TableNotFoundError,
     WriterLockedError,
 )
-from .format import COUNTERS_OFFSET, HEADER_SIZE, Counter, Layout, check_counters
+from .format import COUNTERS_OFFSET, HEADER_SIZE, MAGIC, Counter, Layout, check_counters
 from .kernels import BACKEND, SLOT_EMPTY, SLOT_TOMB, KernelView, make_view, pack_str
 from .wal import (
     DELETE_INT,
@@ -55,6 +56,7 @@ __all__ = ["Table"]
 TABLE_SUFFIX = ".ekv"
 LOCK_SUFFIX = ".ekv.lock"
 TMP_SUFFIX = ".tmp"
+PREV_SUFFIX = ".prev"  # .<name>.ekv.prev: the version being replaced, while a publish is in flight
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 _INT64_MAX = np.iinfo(np.int64).max
 LOAD_CHUNK = 65536
@@ -457,6 +459,7 @@ class Table:
         if not current:
             self._refresh()
             m = self._mapping()
+        finish_interrupted_publish(self.path)  # we hold the lock: no publish is in flight
         if m.counters[Counter.SUPERSEDED]:
             m.counters[Counter.SUPERSEDED] = 0  # this file is at the path and we hold the lock: it is current
         self._recover_from_log(m)
@@ -646,6 +649,10 @@ class Table:
 
     def _install(self, complete_file: str) -> None:
         """Make a complete, synced table file the current version. Lock held."""
+        # a hard link keeps the old version reachable until its readers are told: a publisher
+        # killed between the rename and the flag leaves the link, and the next writer (or the
+        # next writable open of the store) flags the old file through it
+        prev = keep_previous(self.path)
         os.rename(complete_file, self.path)
         if self.durable:
             fsync_dir(os.path.dirname(self.path))
@@ -653,6 +660,7 @@ class Table:
         if old is not None:
             old.counters[Counter.DIRTY] = 0
             old.counters[Counter.SUPERSEDED] = 1
+        os.unlink(prev)
         self._open_mapping()
         # we are still inside a write (a put that grew the table applies its batch next):
         # mark the new version so a crash from here on is recovered from its log
@@ -954,8 +962,75 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def prev_path(path: str) -> str:
+    folder, base = os.path.split(path)
+    return os.path.join(folder, f".{base}{PREV_SUFFIX}")
+
+
+def keep_previous(path: str) -> str:
+    """Hard-link the current version of ``path`` as ``.<name>.ekv.prev``; returns the link. Lock held."""
+    prev = prev_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(prev)  # from an attempt that failed before its rename: nothing to tell anyone
+    os.link(path, prev)
+    return prev
+
+
+def finish_interrupted_publish(path: str) -> None:
+    """Tell the readers of a version replaced by a publisher that died before telling them. Lock held.
+
+    If the ``.prev`` link is no longer the file at ``path``, set its ``superseded`` flag (a
+    write to the file reaches every mapping of it); then remove the link. One ``stat`` when
+    there is nothing to do.
+    """
+    prev = prev_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        _flag_replaced(prev, path)
+        os.unlink(prev)
+
+
+def finish_publishes_in(folder: str) -> None:
+    """On a writable open of a store: finish the publishes that died, for tables no writer holds."""
+    for entry in os.listdir(folder):
+        if not (entry.startswith(".") and entry.endswith(TABLE_SUFFIX + PREV_SUFFIX)):
+            continue
+        path = os.path.join(folder, entry[1 : -len(PREV_SUFFIX)])
+        try:
+            fd = os.open(path[: -len(TABLE_SUFFIX)] + LOCK_SUFFIX, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:  # no lock file, so no writer: nobody else can be publishing
+            finish_interrupted_publish(path)
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a writer holds it: it finishes the publish itself
+            finish_interrupted_publish(path)
+        finally:
+            os.close(fd)  # releases the flock
+
+
+def _flag_replaced(prev: str, path: str) -> None:
+    st = os.stat(prev)
+    try:
+        cur = os.stat(path)
+        if (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino):
+            return  # the publisher died before its rename: the link's file is still the current one
+    except FileNotFoundError:
+        pass  # dropped: readers must learn that too
+    fd = os.open(prev, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if os.pread(fd, 8, 0) != MAGIC:
+            return  # not a table file: write nothing into it
+        # superseded = 1, dirty = 0 (adjacent counters)
+        os.pwrite(fd, struct.pack("<QQ", 1, 0), COUNTERS_OFFSET + 8 * Counter.SUPERSEDED)
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temps(folder: str) -> None:
-    """Delete temp files left by builders that died (their pid is gone)."""
+    """Delete temp files left by builders that died (their pid is gone); finish their publishes."""
+    finish_publishes_in(folder)
     for entry in os.listdir(folder):
         if not (entry.startswith(".") and entry.endswith(TMP_SUFFIX)):
             continue
