@@ -149,6 +149,21 @@ def test_keys_come_back_exactly_as_queued(store_path: str, key_type: str) -> Non
     q.close()
 
 
+def test_enqueue_that_fails_midway_says_how_many_went_in(sqlite_queue: SQLiteQueue,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import embkv.queue
+
+    monkeypatch.setattr(embkv.queue, "_ENQUEUE_CHUNK", 3)  # commits every 3 keys
+    db = sqlite3.connect(sqlite_queue.path)
+    db.execute("CREATE TRIGGER refuse_13 BEFORE INSERT ON items WHEN NEW.key = 13 "
+               "BEGIN SELECT RAISE(ABORT, 'key 13 refused'); END")
+    db.commit()
+    db.close()
+    with pytest.raises(QueueUnavailableError, match="key 13 refused") as info:
+        sqlite_queue.enqueue([10, 11, 12, 13, 14])
+    assert info.value.added == 3 and sqlite_queue.depth() == 3  # the first chunk is queued
+
+
 def test_int64_queue_refuses_keys_outside_int64(sqlite_queue: SQLiteQueue) -> None:
     for bad in ([2**63], [-(2**63) - 1], [1, 2**64]):
         with pytest.raises(embkv.KeyTypeError, match="int64"):

@@ -461,6 +461,7 @@ class EmbeddingCache:
         except QueueUnavailableError as exc:
             with self._lock:
                 self._pending -= len(batch)
+                self._counts["enqueued"] += exc.added  # chunks that went in before the failure
                 self._queue_failed(exc)
                 # not sent: let the next lookup of these keys submit them again
                 self._sent_recent.difference_update(batch)

@@ -56,7 +56,12 @@ Key = int | str | bytes
 
 
 class QueueUnavailableError(EmbkvError, ConnectionError):
-    """The work queue cannot be reached (Redis down, queue file unwritable)."""
+    """The work queue cannot be reached (Redis down, queue file unwritable).
+
+    ``added``: keys an ``enqueue`` had queued before it failed (it commits in chunks), else 0.
+    """
+
+    added: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +383,9 @@ class SQLiteQueue(WorkQueue):
                     else:
                         db.execute(_enqueue_sql(len(chunk)), (now, *chunk))
                 except sqlite3.Error as exc:
-                    raise QueueUnavailableError(f"queue {self.path}: {exc}") from exc
+                    err = QueueUnavailableError(f"queue {self.path}: {exc}")
+                    err.added = added  # the chunks before this one are queued
+                    raise err from exc
                 added += db.total_changes - before
         return added
 
