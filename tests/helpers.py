@@ -282,6 +282,18 @@ def die_in_put_packed(after_calls: int) -> None:
     embkv.table._put_packed = dying  # type: ignore[assignment]
 
 
+def results_of(procs: list[Any], out: Any, timeout: float = 60.0) -> list[Any]:
+    """Start ``procs``, take one result per process from the queue ``out``, join them, and
+    assert that each exited with status 0."""
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0, f"{p.name} exited with {p.exitcode}"
+    return results
+
+
 def fork_and_run(fn: Any) -> tuple[int, str]:
     """Run ``fn()`` in a forked child; returns (wait status, text the child reported).
 

@@ -16,6 +16,7 @@ import numpy as np
 import embkv
 from embkv import HIT, OOV, STALE, EmbeddingCache, SQLiteQueue
 from embkv.worker import run_in_process
+from helpers import results_of
 
 DIM = 8
 UNIVERSE = 3000
@@ -55,12 +56,7 @@ def test_many_services_and_workers(store: embkv.Store, store_path: str) -> None:
     out = ctx.Queue()
     services = [ctx.Process(target=service, args=(store_path, seed, 3000, out)) for seed in range(3)]
     try:
-        for p in services:
-            p.start()
-        results = [out.get(timeout=120) for _ in services]
-        for p in services:
-            p.join(30)
-            assert p.exitcode == 0
+        results = results_of(services, out, timeout=120)
         # the keys no service asked for are queued now; wait until the workers have every key
         cache = EmbeddingCache(store, "t", SQLiteQueue.beside(store, "t"))
         universe = np.arange(UNIVERSE)

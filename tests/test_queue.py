@@ -27,6 +27,7 @@ from embkv.queue import (
     WorkItem,
     WorkQueue,
 )
+from helpers import results_of
 
 
 def poll(fn: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -265,12 +266,7 @@ def test_sqlite_queue_shared_by_two_processes(sqlite_queue: SQLiteQueue) -> None
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()
     procs = [ctx.Process(target=_share, args=(sqlite_queue.path, barrier, out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    results = results_of(procs, out)
     assert sum(added for added, _ in results) == 300  # enqueue-once across processes
     claimed = results[0][1] + results[1][1]
     assert sorted(claimed) == list(range(300))  # every key once, none twice

@@ -39,14 +39,16 @@ import numpy as np
 
 from .errors import SchemaError
 from .format import make_tag
+from .kernels import STATUS_FRESH, STATUS_MISS, STATUS_STALE
 from .queue import QueueUnavailableError, SQLiteQueue, WorkQueue
 from .store import Store
 
 __all__ = ["HIT", "OOV", "STALE", "CacheMetrics", "EmbeddingCache", "FillMetrics", "LookupCounts", "SharedMetrics"]
 
-HIT = 0    # the table's vector, made by the current model version and within the TTL
-OOV = 1    # the OOV vector: the key is missing (or stale under stale_policy="miss"); it is queued
-STALE = 2  # the key's old vector (older model version or past the TTL); it is queued for recompute
+# the statuses Table.get_fresh writes (one definition, in the kernels: the C kernel writes the same values)
+HIT = STATUS_FRESH  # the table's vector, made by the current model version and within the TTL
+OOV = STATUS_MISS  # the OOV vector: the key is missing (or stale under stale_policy="miss"); it is queued
+STALE = STATUS_STALE  # the key's old vector (older model version or past the TTL); it is queued for recompute
 
 STALE_POLICIES = ("serve", "miss")
 QUEUE_RETRY_SECONDS = 1.0  # after a queue error, the sender waits this long before trying again
