@@ -43,7 +43,7 @@ from .errors import (
     TruncatedTableError,
     WriterLockedError,
 )
-from .format import FORMAT_VERSION
+from .format import FORMAT_VERSION, make_tag
 from .kernels import BACKEND as KERNEL_BACKEND
 from .queue import FailureInfo, QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
 from .store import Store, open_store
@@ -92,6 +92,7 @@ __all__ = [
     "WorkerThread",
     "WriterLockedError",
     "__version__",
+    "make_tag",
     "open",
     "open_store",
     "run_in_process",
