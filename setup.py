@@ -28,9 +28,9 @@ class OptionalBuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "embkv._kernels",
-            sources=["src/embkv/_kernels.c"],
-            include_dirs=["src/embkv"],
+            "embkv.file._kernels",
+            sources=["src/embkv/file/_kernels.c"],
+            include_dirs=["src/embkv/file"],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wno-unused-function"],
         )
     ],

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 import embkv
-from embkv.queue import SQLiteQueue
+from embkv.compute.queue import SQLiteQueue
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in a pip package: never go online
 

@@ -267,10 +267,10 @@ def create_race(path: str, name: str, dim: int, barrier: Any, q: Any) -> None:
 
 def die_in_put_packed(after_calls: int) -> None:
     """Call in a forked child: SIGKILL the process when embkv applies its ``after_calls``-th batch
-    (``embkv.table._put_packed``), after the batch was logged and before any of it is applied."""
-    import embkv.table
+    (``embkv.file.table._put_packed``), after the batch was logged and before any of it is applied."""
+    import embkv.file.table
 
-    real = embkv.table._put_packed
+    real = embkv.file.table._put_packed
     calls = [0]
 
     def dying(*args: Any, **kwargs: Any) -> Any:
@@ -279,7 +279,7 @@ def die_in_put_packed(after_calls: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
 
-    embkv.table._put_packed = dying  # type: ignore[assignment]
+    embkv.file.table._put_packed = dying  # type: ignore[assignment]
 
 
 def results_of(procs: list[Any], out: Any, timeout: float = 60.0) -> list[Any]:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 import embkv
-from embkv.check import check_table
+from embkv.file.check import check_table
 from helpers import DIM, encode
 
 TABLE = "t"
@@ -422,7 +422,7 @@ def torn_reader(path: str, name: str, key_type: str, key_space: int, seed: int, 
     backwards. Reports counts rather than failing at the first bad read.
     """
     try:
-        from embkv import kernels
+        from embkv.file import kernels
 
         if use_numpy:  # a forked child cannot re-import: switch this process to the numpy kernel
             kernels._C_KERNELS = None

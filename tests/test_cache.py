@@ -18,8 +18,8 @@ import pytest
 
 import embkv
 from embkv import HIT, OOV, STALE, EmbeddingCache, SQLiteQueue, Worker
-from embkv.format import make_tag
-from embkv.worker import run_in_process, run_in_thread
+from embkv.compute.worker import run_in_process, run_in_thread
+from embkv.file.format import make_tag
 from helpers import fork_and_run
 from test_queue import free_port, poll
 from test_queue import redis_url as redis_url_fixture

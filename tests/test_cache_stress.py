@@ -15,7 +15,7 @@ import numpy as np
 
 import embkv
 from embkv import HIT, OOV, STALE, EmbeddingCache, SQLiteQueue
-from embkv.worker import run_in_process
+from embkv.compute.worker import run_in_process
 from helpers import results_of
 
 DIM = 8

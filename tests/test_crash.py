@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import embkv
-from embkv.check import check_table
+from embkv.file.check import check_table
 from helpers import check_vectors, die_in_put_packed, encode, fork_and_run
 from reliability import CrashCampaign, CrashStats
 
@@ -175,7 +175,7 @@ def _numpy_kernel_child(fn):
     """Run ``fn`` in a forked child whose tables use the numpy fallback kernel."""
 
     def run():
-        from embkv import kernels
+        from embkv.file import kernels
 
         kernels._C_KERNELS = None
         return fn()
@@ -189,7 +189,7 @@ def test_numpy_kernel_recovery_completes_a_batch_that_filled_the_table(store_pat
     keys = np.arange(16, dtype=np.int64)
 
     def put_and_die_half_way() -> None:
-        from embkv import kernels
+        from embkv.file import kernels
 
         real, calls = kernels.NumpyView._put_one, []
 

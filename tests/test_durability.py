@@ -22,9 +22,9 @@ import pytest
 from click.testing import CliRunner
 
 import embkv
-from embkv.check import check_table
 from embkv.cli import main as cli_main
-from embkv.format import Layout
+from embkv.file.check import check_table
+from embkv.file.format import Layout
 from helpers import DIM, check_vectors, die_in_put_packed, encode, fork_and_run
 from reliability import version_watcher
 

@@ -15,7 +15,7 @@ import pytest
 
 import embkv
 from embkv import errors
-from embkv.format import FORMAT_VERSION, MAX_CAPACITY, MAX_DIM, Layout
+from embkv.file.format import FORMAT_VERSION, MAX_CAPACITY, MAX_DIM, Layout
 from helpers import mapped_files
 
 CRC_OFFSET = 112

@@ -51,9 +51,9 @@ from hypothesis.extra import numpy as hnp
 
 import embkv
 from conftest import LONG_LIVED, PREFIX, SHM, TMP, new_store_path
-from embkv.check import CheckReport, check_table
 from embkv.cli import main as cli_main
-from embkv.format import COUNTERS_OFFSET, FORMAT_VERSION, MAX_CAPACITY, Layout
+from embkv.file.check import CheckReport, check_table
+from embkv.file.format import COUNTERS_OFFSET, FORMAT_VERSION, MAX_CAPACITY, Layout
 
 CRC_OFFSET = 112
 IMMUTABLE_END = CRC_OFFSET + 4

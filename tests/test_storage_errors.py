@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import embkv
-from embkv.check import check_table
+from embkv.file.check import check_table
 from helpers import DIM, check_vectors, die_in_put_packed, encode, fork_and_run
 
 NOBODY = 65534

@@ -640,7 +640,7 @@ def test_tags_survive_reopen_and_copy(store, store_path):
 def test_get_fresh_classifies_by_version_and_age(store):
     import time
 
-    from embkv.format import make_tag
+    from embkv.file.format import make_tag
 
     now = time.time()
     t = store.create_table("t", dim=2)

@@ -84,7 +84,7 @@ def test_readers_never_see_a_torn_or_misplaced_row(store_path, key_type):
 
 
 def test_numpy_kernel_lookup_is_not_fooled_by_a_reused_row(store, monkeypatch):
-    from embkv import kernels
+    from embkv.file import kernels
 
     t = store.create_table("t", 16, capacity=16)
     t.put([1], encode([1], 1, 16))  # key 1 in row 0

@@ -19,7 +19,7 @@ import pytest
 
 import embkv
 from embkv import RedisStreamQueue, Worker
-from embkv.worker import run_in_process
+from embkv.compute.worker import run_in_process
 from test_queue import poll
 from test_queue import redis_url as redis_url_fixture
 

@@ -25,7 +25,9 @@ See ARCHITECTURE.md for the file format and the concurrency protocol.
 
 from __future__ import annotations
 
-from .cache import HIT, OOV, STALE, CacheMetrics, EmbeddingCache, FillMetrics, SharedMetrics
+from .compute.cache import HIT, OOV, STALE, CacheMetrics, EmbeddingCache, FillMetrics, SharedMetrics
+from .compute.queue import FailureInfo, QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
+from .compute.worker import Worker, WorkerMetrics, WorkerProcess, WorkerThread, run_in_process, run_in_thread
 from .errors import (
     CorruptTableError,
     EmbkvError,
@@ -43,12 +45,10 @@ from .errors import (
     TruncatedTableError,
     WriterLockedError,
 )
-from .format import FORMAT_VERSION, make_tag
-from .kernels import BACKEND as KERNEL_BACKEND
-from .queue import FailureInfo, QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
-from .store import Store, open_store
-from .table import Table
-from .worker import Worker, WorkerMetrics, WorkerProcess, WorkerThread, run_in_process, run_in_thread
+from .file.format import FORMAT_VERSION, make_tag
+from .file.kernels import BACKEND as KERNEL_BACKEND
+from .file.store import Store, open_store
+from .file.table import Table
 
 open = open_store  # `embkv.open(path)` is the documented entry point
 

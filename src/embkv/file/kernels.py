@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import xxhash
 
-from .errors import CorruptTableError, ReadRetryError
+from ..errors import CorruptTableError, ReadRetryError
 from .format import COUNTERS_OFFSET, INLINE_KEY, Counter, Layout
 
 __all__ = ["BACKEND", "KernelView", "make_view", "mix64", "pack_str"]
@@ -480,11 +480,11 @@ def _load_c() -> Any:
     if os.environ.get("EMBKV_KERNEL", "").lower() == "numpy":
         return None
     try:
-        _kernels = importlib.import_module("embkv._kernels")
+        _kernels = importlib.import_module("embkv.file._kernels")
     except ImportError:
         return None
-    from .errors import CorruptTableError as _C
-    from .errors import ReadRetryError as _R
+    from ..errors import CorruptTableError as _C
+    from ..errors import ReadRetryError as _R
 
     _kernels.set_errors(_C, _R)
     return _kernels

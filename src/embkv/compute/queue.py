@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from .errors import EmbkvError, KeyTypeError
+from ..errors import EmbkvError, KeyTypeError
 
 __all__ = [
     "FailureInfo",

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import (
+from ..errors import (
     KeyTypeError,
     ReadOnlyError,
     SchemaError,

@@ -1,5 +1,5 @@
 /*
- * embkv._kernels: the compiled hot path of embkv.
+ * embkv.file._kernels: the compiled hot path of embkv.
  *
  * A View wraps one mapped table file (see format.py and ARCHITECTURE.md for the layout)
  * and runs the per-key work of lookups, upserts and deletes without a Python loop.
@@ -1298,7 +1298,7 @@ static PyMethodDef View_methods[] = {
     {NULL}};
 
 static PyTypeObject ViewType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "embkv._kernels.View",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "embkv.file._kernels.View",
     .tp_basicsize = sizeof(View),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A mapped embkv table: the compiled lookup/upsert/delete kernels.",
@@ -1313,7 +1313,7 @@ static PyMethodDef module_methods[] = {
     {"set_errors", set_errors, METH_VARARGS, "set_errors(corrupt_cls, busy_cls)"},
     {NULL}};
 
-static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "embkv._kernels", "embkv compiled kernels", -1,
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "embkv.file._kernels", "embkv compiled kernels", -1,
                                        module_methods};
 
 PyMODINIT_FUNC PyInit__kernels(void)

@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SchemaError
-from .format import make_tag
-from .kernels import STATUS_FRESH, STATUS_MISS, STATUS_STALE
+from ..errors import SchemaError
+from ..file.format import make_tag
+from ..file.kernels import STATUS_FRESH, STATUS_MISS, STATUS_STALE
+from ..file.store import Store
 from .queue import QueueUnavailableError, SQLiteQueue, WorkQueue
-from .store import Store
 
 __all__ = ["HIT", "OOV", "STALE", "CacheMetrics", "EmbeddingCache", "FillMetrics", "LookupCounts", "SharedMetrics"]
 

@@ -28,7 +28,7 @@ from typing import Final
 
 import numpy as np
 
-from .errors import (
+from ..errors import (
     CorruptTableError,
     FormatVersionError,
     NotATableError,

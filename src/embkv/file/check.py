@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EmbkvError
+from ..errors import EmbkvError
 from .format import Counter
 from .kernels import SLOT_EMPTY, SLOT_TOMB
 from .table import TABLE_SUFFIX, Table, _Mapping, row_tags, slot_rows

@@ -36,7 +36,7 @@ from typing import Final
 
 import xxhash
 
-from .errors import CorruptTableError
+from ..errors import CorruptTableError
 
 __all__ = ["SYNC_POLICIES", "WriteAheadLog"]
 

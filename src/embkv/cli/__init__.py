@@ -189,7 +189,7 @@ def check(store: str, table: str | None) -> None:
     STORE may be a store folder (all tables, or TABLE) or one .ekv file. Exits 1 if any
     problem is found, and names it.
     """
-    from embkv.check import check_table, table_paths
+    from embkv.file.check import check_table, table_paths
 
     failed = False
     paths = table_paths(store, table)
@@ -212,7 +212,7 @@ def repair(store: str, table: str, yes: bool) -> None:
 
     A table whose header is damaged cannot be repaired: restore it from a snapshot.
     """
-    from embkv.check import check_table, repair_table
+    from embkv.file.check import check_table, repair_table
 
     s = embkv.open(store)
     before = check_table(s[table].path)
@@ -261,7 +261,7 @@ def worker(store: str, table: str, compute: str, queue: str, batch: int, model_v
     """
     import signal
 
-    from embkv.worker import Worker, open_queue
+    from embkv.compute.worker import Worker, open_queue
 
     s = embkv.open(store)
     q = open_queue(queue, s, table, max_attempts=max_attempts, backoff=backoff)
@@ -289,8 +289,8 @@ def queue_cmd(store: str, table: str, queue_spec: str, show_failures: bool, retr
     """Show the compute-on-miss queue of TABLE: depth, failures, and the metrics every cache
     process and worker shares (hit rate, OOV served, compute time, time from first miss to fill).
     """
-    from embkv.cache import SharedMetrics
-    from embkv.worker import open_queue
+    from embkv.compute.cache import SharedMetrics
+    from embkv.compute.worker import open_queue
 
     s = embkv.open(store, readonly=True)
     try:
@@ -348,13 +348,9 @@ def demo(rows: int, dim: int, workers: int, batch: int, seconds: float, no_dict:
     Builds a ROWS x DIM table in /dev/shm, runs WORKERS processes answering Zipf(1.05)
     batches with 1% misses, prints latency per batch and PSS per worker, and cleans up.
     """
-    from embkv.demo import DemoConfig, run_demo
+    from embkv.cli.demo import DemoConfig, run_demo
 
     report = run_demo(DemoConfig(rows=rows, dim=dim, workers=workers, batch=batch, seconds=seconds,
                                  compare_dict=not no_dict), echo=click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import (
+from ..errors import (
     CorruptTableError,
     EmbkvError,
     KeyTypeError,
@@ -908,7 +908,7 @@ def recover_counters(m: _Mapping, keep_dirty: bool = False) -> None:
 
 def storage_error(exc: OSError, what: str) -> OSError:
     """A typed error for the file system refusing a write; the previous version stays served."""
-    from .errors import StorageError
+    from ..errors import StorageError
 
     if isinstance(exc, StorageError):
         return exc

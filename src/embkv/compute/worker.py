@@ -31,10 +31,10 @@ from typing import Any, cast
 
 import numpy as np
 
+from ..errors import EmbkvError, SchemaError
+from ..file.store import Store, open_store
 from .cache import fill_tag, histogram_deltas
-from .errors import EmbkvError, SchemaError
 from .queue import Key, QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
-from .store import Store, open_store
 
 __all__ = ["Worker", "WorkerMetrics", "WorkerProcess", "WorkerThread", "load_compute", "open_queue",
            "run_in_process", "run_in_thread"]
