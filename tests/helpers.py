@@ -160,7 +160,7 @@ def hold_lock(path: str, name: str, held: Any, release: Any, q: Any) -> None:
 
     def run() -> int:
         table = embkv.open(path)[name]
-        with table._writing():
+        with table.write_session():
             held.set()
             assert release.wait(60), "never released"
         return os.getpid()
@@ -171,8 +171,8 @@ def hold_lock(path: str, name: str, held: Any, release: Any, q: Any) -> None:
 def hold_lock_then_die(path: str, name: str, keys: Any, held: Any) -> None:
     """Enter a write batch, write some rows through the kernel, then block until killed."""
     table = embkv.open(path)[name]
-    with table._writing() as m:
-        m.view.put_int(np.ascontiguousarray(keys, dtype=np.int64), encode(keys, 77))
+    with table.write_session() as session:
+        session.mapping.view.put_int(np.ascontiguousarray(keys, dtype=np.int64), encode(keys, 77))
         held.set()
         time.sleep(600)
 
@@ -267,10 +267,12 @@ def create_race(path: str, name: str, dim: int, barrier: Any, q: Any) -> None:
 
 def die_in_put_packed(after_calls: int) -> None:
     """Call in a forked child: SIGKILL the process when embkv applies its ``after_calls``-th batch
-    (``embkv.file.table._put_packed``), after the batch was logged and before any of it is applied."""
+    through the kernel (``put_packed``, called by ``Table.put`` and by ``build_version`` when a
+    version is built), after the batch was logged and before any of it is applied."""
+    import embkv.file.mapping
     import embkv.file.table
 
-    real = embkv.file.table._put_packed
+    real = embkv.file.mapping.put_packed
     calls = [0]
 
     def dying(*args: Any, **kwargs: Any) -> Any:
@@ -279,7 +281,8 @@ def die_in_put_packed(after_calls: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
 
-    embkv.file.table._put_packed = dying  # type: ignore[assignment]
+    embkv.file.mapping.put_packed = dying  # type: ignore[assignment]
+    embkv.file.table.put_packed = dying  # type: ignore[assignment]
 
 
 def results_of(procs: list[Any], out: Any, timeout: float = 60.0) -> list[Any]:

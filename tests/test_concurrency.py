@@ -260,7 +260,7 @@ def test_writer_killed_during_put_loop_with_growth(store_path, kill_after, delay
 
 
 def test_writer_killed_inside_a_batch_is_recovered(store):
-    """A writer dies inside ``_writing()`` after writing rows through the kernel: the lock goes
+    """A writer dies inside ``write_session()`` after writing rows through the kernel: the lock goes
     with it and the next writer recounts the table (the dirty flag) before writing."""
     t = store.create_table("t", DIM, capacity=256)
     keys = np.arange(100)
@@ -454,7 +454,7 @@ def test_fork_child_does_not_inherit_the_parents_lock(store):
     released, q = FORK.Event(), FORK.Queue()
     kid = FORK.Process(target=_locked_fork_child, args=(t, released, q))
     try:
-        with t._writing():
+        with t.write_session():
             kid.start()  # forked while this process holds the lock
             first = q.get(timeout=WAIT)
     finally:

@@ -1,4 +1,4 @@
-"""Exceptions raised by embkv: one class per failure, all under :class:`EmbkvError`.
+"""Exceptions and warnings raised by embkv: one class per failure, all under :class:`EmbkvError`.
 
 Each class subclasses the built-in exception a caller would naturally catch too
 (``KeyError`` for a missing table, ``TypeError`` for a wrongly typed key, ...), so code
@@ -10,7 +10,9 @@ from __future__ import annotations
 __all__ = [
     "CorruptTableError",
     "EmbkvError",
+    "EmbkvWarning",
     "FormatVersionError",
+    "KernelFallbackWarning",
     "KeyTypeError",
     "NotATableError",
     "ReadOnlyError",
@@ -90,4 +92,24 @@ class StorageError(EmbkvError, OSError):
 
     Raised before anything visible changed: the table keeps serving its previous version.
     ``errno`` is the underlying error number.
+    """
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, what: str) -> StorageError:
+        """The typed error for the file system refusing ``what``; the previous version stays served."""
+        if isinstance(exc, StorageError):
+            return exc
+        return cls(exc.errno or 0, f"{what}: {exc.strerror or exc}; nothing was changed, "
+                   "the previous version is still served", getattr(exc, "filename", None))
+
+
+class EmbkvWarning(UserWarning):
+    """Base class of the warnings embkv gives (filter them with ``warnings.simplefilter``)."""
+
+
+class KernelFallbackWarning(EmbkvWarning):
+    """The compiled kernel could not be loaded, so embkv runs on its numpy fallback.
+
+    Files and answers are the same; lookups are slower and writes much slower. Not given
+    when the fallback was asked for with ``EMBKV_KERNEL=numpy``.
     """

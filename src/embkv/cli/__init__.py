@@ -13,6 +13,7 @@ import numpy as np
 
 import embkv
 from embkv.errors import EmbkvError
+from embkv.file.format import DTypeName, KeyType
 
 
 class _Group(click.Group):
@@ -50,7 +51,7 @@ def main() -> None:
 @click.option("--key-type", type=click.Choice(["int64", "str"]), default="int64", show_default=True)
 @click.option("--capacity", type=click.IntRange(16), default=1024, show_default=True,
               help="Starting size in rows; tables grow on their own.")
-def create(store: str, table: str, dim: int, dtype: str, key_type: str, capacity: int) -> None:
+def create(store: str, table: str, dim: int, dtype: DTypeName, key_type: KeyType, capacity: int) -> None:
     """Create an empty TABLE in STORE."""
     t = embkv.open(store).create_table(table, dim=dim, dtype=dtype, key_type=key_type, capacity=capacity)
     click.echo(f"created {t!r}")
@@ -67,7 +68,7 @@ def create(store: str, table: str, dim: int, dtype: str, key_type: str, capacity
               help="Stored dtype of a new table (default: the data's float type, else float32).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def load(store: str, table: str, source: str, vectors: str | None, key_column: str, vector_column: str,
-         dtype: str | None, quiet: bool) -> None:
+         dtype: DTypeName | None, quiet: bool) -> None:
     """Build a new version of TABLE from files and publish it atomically.
 
     \b

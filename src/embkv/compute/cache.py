@@ -39,6 +39,7 @@ import numpy as np
 
 from ..errors import SchemaError
 from ..file.format import make_tag
+from ..file.inputs import lookup_keys
 from ..file.kernels import STATUS_FRESH, STATUS_MISS, STATUS_STALE
 from ..file.store import Store
 from .queue import QueueUnavailableError, SQLiteQueue, WorkQueue
@@ -354,7 +355,8 @@ class EmbeddingCache:
         the wrong type raise ``KeyTypeError``.
         """
         if type(keys) is not list and type(keys) is not np.ndarray:
-            keys = self.table._lookup_keys(keys)  # once: a generator would be used up by the first read
+            # once: a generator would be used up by the first read
+            keys = lookup_keys(keys, self.table.key_type == "int64")
         # one kernel pass: vectors (the OOV vector for misses), statuses, and this cache's counters
         a = self._read_args  # indexed, not *unpacked: a star call costs more than the whole check
         vectors, status, fresh = self.table.get_fresh(keys, a[0], a[1], a[2], a[3], a[4])
@@ -364,7 +366,7 @@ class EmbeddingCache:
 
     def _with_misses(self, keys: Any, vectors: np.ndarray, status: np.ndarray,
                      wait: float | None) -> tuple[np.ndarray, np.ndarray]:
-        klist = self.table._lookup_keys(keys)
+        klist = lookup_keys(keys, self.table.key_type == "int64")
         if isinstance(klist, np.ndarray):
             self._submit(klist[status != HIT].tolist())
         else:  # HIT is 0: the statuses that are true pick the keys to queue

@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import EmbkvError
-from .format import Counter
+from .format import Counter, Layout
 from .kernels import SLOT_EMPTY, SLOT_TOMB
-from .table import TABLE_SUFFIX, Table, _Mapping, row_tags, slot_rows
+from .mapping import Mapping, row_tags, row_vectors, slot_rows
+from .publish import TABLE_SUFFIX
+from .table import Table
 
 __all__ = ["CheckReport", "check_table", "repair_table"]
 
@@ -52,7 +54,7 @@ def check_table(path: str) -> CheckReport:
     """Check one table file; never raises for a damaged file, reports instead."""
     report = CheckReport(path)
     try:
-        m = _Mapping(path, writable=False)
+        m = Mapping(path, writable=False)
     except EmbkvError as exc:
         report.problems.append(f"{type(exc).__name__}: {exc}")
         report.fatal = True
@@ -64,7 +66,7 @@ def check_table(path: str) -> CheckReport:
     return report
 
 
-def _check_mapping(m: _Mapping, report: CheckReport) -> None:
+def _check_mapping(m: Mapping, report: CheckReport) -> None:
     lay = m.layout
     c = m.counters
     problems = report.problems
@@ -119,10 +121,9 @@ def _check_mapping(m: _Mapping, report: CheckReport) -> None:
     _check_reachable(m, ok_slots, problems)
 
 
-def _check_freelist(m: _Mapping, referenced: np.ndarray, problems: list[str]) -> None:
-    lay = m.layout
+def _check_freelist(m: Mapping, referenced: np.ndarray, problems: list[str]) -> None:
     nfree = int(m.counters[Counter.FREE])
-    free_u = np.frombuffer(m.mm, dtype=np.uint64, count=lay.row_capacity, offset=lay.freelist_offset)[:nfree]
+    free_u = m.freelist()[:nfree]
     above = free_u >= np.uint64(int(m.counters[Counter.ROWS_USED]))
     if above.any():
         problems.append("free-row stack holds rows above the rows-used mark")
@@ -134,7 +135,7 @@ def _check_freelist(m: _Mapping, referenced: np.ndarray, problems: list[str]) ->
         problems.append(f"{len(both)} row(s) are both free and referenced by the index, e.g. row {int(both[0])}")
 
 
-def _check_reachable(m: _Mapping, live_slots: np.ndarray, problems: list[str]) -> None:
+def _check_reachable(m: Mapping, live_slots: np.ndarray, problems: list[str]) -> None:
     """Every live slot must be found by a probe from its key's home slot (no gap before it)."""
     lay = m.layout
     if lay.key_type != "int64" or not len(live_slots):
@@ -166,7 +167,8 @@ def repair_table(table: Table) -> dict[str, Any]:
     Rows whose checksum or key is damaged, and index slots that point nowhere, are dropped
     (and counted); every intact key keeps its vector. Needs the header to be readable.
     """
-    with table._writing() as m:
+    with table.write_session() as session:
+        m = session.mapping
         lay = m.layout
         slots = m.slots()
         live_slots, rows, in_range = slot_rows(slots, lay.row_capacity)
@@ -180,7 +182,7 @@ def repair_table(table: Table) -> dict[str, Any]:
         rows = rows[keep]
         _, first = np.unique(rows, return_index=True)  # one slot per row
         rows = rows[np.sort(first)]
-        vectors = m.rows()[rows, lay.row_header : lay.row_header + lay.vec_bytes].copy().view(lay.np_dtype)
+        vectors = row_vectors(m, rows)
         tags = row_tags(m, rows)
         keys: Any
         if lay.key_type == "int64":
@@ -188,9 +190,7 @@ def repair_table(table: Table) -> dict[str, Any]:
         else:
             keys = m.view.export_str(np.ascontiguousarray(rows))
         dropped = len(live_slots) - len(rows)
-        from .format import Layout
-
         new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, max(lay.row_capacity, len(rows)),
                                  lay.heap_capacity, time.time_ns())
-        table._publish(new_layout, iter([(keys, vectors, tags)]) if len(rows) else iter(()))
+        session.publish(new_layout, iter([(keys, vectors, tags)]) if len(rows) else iter(()))
     return {"kept": len(rows), "dropped": dropped}

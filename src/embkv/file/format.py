@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import zlib
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 
@@ -44,6 +44,8 @@ __all__ = [
     "KEY_TYPES",
     "MAGIC",
     "Counter",
+    "DTypeName",
+    "KeyType",
     "Layout",
     "make_tag",
     "tag_time",
@@ -61,11 +63,13 @@ MAX_DIM: Final = 1 << 16
 INLINE_KEY: Final = 24  # string keys up to this length are also kept in their row (no heap read)
 MAX_CAPACITY: Final = 1 << 40
 
+DTypeName = Literal["float32", "float16", "float64"]
+KeyType = Literal["int64", "str"]
 # dtype name -> code stored in the file; codes never change once released
-DTYPES: Final = {"float32": 1, "float16": 2, "float64": 3}
-KEY_TYPES: Final = {"int64": 1, "str": 2}
-_DTYPE_NAMES: Final = {v: k for k, v in DTYPES.items()}
-_KEY_NAMES: Final = {v: k for k, v in KEY_TYPES.items()}
+DTYPES: Final[dict[DTypeName, int]] = {"float32": 1, "float16": 2, "float64": 3}
+KEY_TYPES: Final[dict[KeyType, int]] = {"int64": 1, "str": 2}
+_DTYPE_NAMES: Final[dict[int, DTypeName]] = {v: k for k, v in DTYPES.items()}
+_KEY_NAMES: Final[dict[int, KeyType]] = {v: k for k, v in KEY_TYPES.items()}
 
 # immutable header fields, in file order, starting at byte 0
 _IMMUTABLE = struct.Struct("<8sIIIIII QQQQ QQQQ QQ")
@@ -100,8 +104,8 @@ class Layout:
     """Everything fixed about a table file: its schema and where each section lives."""
 
     dim: int
-    dtype: str
-    key_type: str
+    dtype: DTypeName
+    key_type: KeyType
     row_capacity: int
     slot_count: int
     heap_capacity: int

@@ -1,6 +1,6 @@
 """Index and row kernels: the compiled C path, and a pure-numpy fallback with the same interface.
 
-``View`` wraps a mapped table file. The C extension (``embkv._kernels``, built at install)
+``View`` wraps a mapped table file. The C extension (``embkv.file._kernels``, built at install)
 is used when present; ``EMBKV_KERNEL=numpy`` forces the fallback, which reads with
 vectorized numpy (one Python iteration per probe round, not per key) and writes with a
 Python loop per key: correct and file-compatible, but slow for writes. Both follow the

@@ -6,7 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -14,33 +14,25 @@ from ..errors import (
     KeyTypeError,
     ReadOnlyError,
     SchemaError,
+    StorageError,
     StoreNotFoundError,
     TableClosedError,
     TableExistsError,
     TableNotFoundError,
 )
-from .format import DTYPES, KEY_TYPES, Counter, Layout
-from .table import (
-    LOAD_CHUNK,
-    TABLE_SUFFIX,
-    Chunk,
-    Progress,
-    Table,
-    as_int_keys,
-    as_str_keys,
-    check_name,
-    copy_version,
-    keep_previous,
-    remove_stale_temps,
-    storage_error,
-    target_is_durable,
-    temp_path,
-)
-from .wal import SYNC_POLICIES, wal_path
+from .format import DTYPES, KEY_TYPES, DTypeName, KeyType, Layout
+from .inputs import as_int_keys, as_str_keys
+from .mapping import Chunk, Progress, build_version, copy_version
+from .publish import TABLE_SUFFIX, check_name, is_memory_path, remove_stale_temps, temp_path
+from .table import Table
+from .wal import SYNC_POLICIES, SyncPolicy
 
 __all__ = ["Store", "open_store"]
 
+# a vector dtype: its name, or the numpy dtype / scalar type (np.float16)
+DTypeArg = DTypeName | np.dtype[Any] | type[np.floating[Any]]
 DEFAULT_CAPACITY = 1024
+LOAD_CHUNK = 65536  # rows per kernel call when a version is built from a source
 DEFAULT_LOCK_TIMEOUT = 30.0
 
 
@@ -58,7 +50,7 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
-                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, sync: str = "interval",
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, sync: SyncPolicy = "interval",
                  sync_interval: float = 1.0) -> None:
         if sync not in SYNC_POLICIES:
             raise SchemaError(f"sync must be one of {SYNC_POLICIES}, got {sync!r}")
@@ -77,7 +69,8 @@ class Store:
                 os.makedirs(self.path, exist_ok=True)
                 remove_stale_temps(self.path)
             except PermissionError as exc:
-                raise storage_error(exc, f"store {self.path}: cannot write here (use readonly=True to read)") from exc
+                raise StorageError.from_os_error(
+                    exc, f"store {self.path}: cannot write here (use readonly=True to read)") from exc
 
     def __repr__(self) -> str:
         mode = "readonly" if self.readonly else "read-write"
@@ -111,7 +104,7 @@ class Store:
         """The table called ``name``; raises :class:`TableNotFoundError` if there is none."""
         self._check_open()
         table = self._tables.get(name)
-        if table is not None and table._m is not None:
+        if table is not None and not table.closed:
             return table
         path = self._table_path(name)
         if not os.path.exists(path):
@@ -126,7 +119,7 @@ class Store:
         if self.readonly:
             raise ReadOnlyError(f"store {self.path} was opened read-only")
 
-    def create_table(self, name: str, dim: int, dtype: str = "float32", key_type: str = "int64", *,
+    def create_table(self, name: str, dim: int, dtype: DTypeArg = "float32", key_type: KeyType = "int64", *,
                      capacity: int = DEFAULT_CAPACITY, exist_ok: bool = False) -> Table:
         """Create an empty table. ``dtype``: float32, float16 or float64; ``key_type``: int64 or str.
 
@@ -148,8 +141,6 @@ class Store:
                 )
             return table
         # build under a temporary name and link it in: a concurrent creator loses cleanly
-        from .table import build_version
-
         tmp = temp_path(path)
         try:
             build_version(tmp, layout, iter(()))
@@ -157,13 +148,13 @@ class Store:
         except FileExistsError:
             raise TableExistsError(f"table {name!r} already exists in {self.path}") from None
         except OSError as exc:
-            raise storage_error(exc, f"table {name!r}: could not create it in {self.path}") from exc
+            raise StorageError.from_os_error(exc, f"table {name!r}: could not create it in {self.path}") from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return self[name]
 
-    def load_table(self, name: str, keys: Any, vectors: Any = None, *, dtype: str | None = None,
+    def load_table(self, name: str, keys: Any, vectors: Any = None, *, dtype: DTypeArg | None = None,
                    key_column: str = "key", vector_column: str = "vector", capacity: int | None = None,
                    progress: Progress | None = None) -> Table:
         """Build a whole new version of a table in one pass and publish it atomically.
@@ -195,7 +186,7 @@ class Store:
                     f"table {name!r} has dim={existing.dim} keys={existing.key_type}; the data has "
                     f"dim={vectors.shape[1]} keys={key_type}. Drop the table to change its schema."
                 )
-            dtype_name = existing.dtype.name if dtype is None else _dtype_name(dtype)
+            dtype_name = _dtype_name(existing.dtype if dtype is None else dtype)
             if dtype_name != existing.dtype.name:
                 raise SchemaError(f"table {name!r} stores {existing.dtype}, not {dtype_name}")
         else:
@@ -208,8 +199,8 @@ class Store:
         if existing is None:
             existing = self.create_table(name, vectors.shape[1], dtype_name, key_type, capacity=16,
                                          exist_ok=True)
-        with existing._writing():
-            existing._publish(layout, chunks, progress)
+        with existing.write_session() as session:
+            session.publish(layout, chunks, progress)
         return existing
 
     def copy_table(self, name: str, dest: Store | str | os.PathLike[str], dest_name: str | None = None) -> Table:
@@ -231,12 +222,12 @@ class Store:
             raise SchemaError("a table cannot be copied onto itself")
         tmp = temp_path(dest_path)
         try:
-            with source._writing() as m:
-                copy_version(m, tmp, durable=target_is_durable(dest_path))
+            with source.write_session() as session:
+                copy_version(session.mapping, tmp, durable=not is_memory_path(dest_path))
             if dest_name in target:
                 existing = target[dest_name]
-                with existing._writing():
-                    existing._install(tmp)
+                with existing.write_session() as session:
+                    session.install(tmp)
                 return existing
             os.link(tmp, dest_path)
         except FileExistsError:
@@ -250,13 +241,8 @@ class Store:
         """Delete a table. Readers that still hold it get TableNotFoundError on their next call."""
         self._require_writable()
         table = self[name]
-        with table._writing() as m:
-            prev = keep_previous(table.path)  # see Table._install: flagged later if we die before the flag
-            os.unlink(table.path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(wal_path(table.path))
-            m.counters[Counter.SUPERSEDED] = 1
-            os.unlink(prev)
+        with table.write_session() as session:
+            session.drop()
         table.close()
         self._tables.pop(name, None)
 
@@ -275,7 +261,7 @@ class Store:
 
 
 def open_store(path: str | os.PathLike[str], readonly: bool = False,
-               lock_timeout: float = DEFAULT_LOCK_TIMEOUT, sync: str = "interval",
+               lock_timeout: float = DEFAULT_LOCK_TIMEOUT, sync: SyncPolicy = "interval",
                sync_interval: float = 1.0) -> Store:
     """Open (and create, unless ``readonly``) the store at ``path``. Exposed as :func:`embkv.open`.
 
@@ -293,18 +279,18 @@ def open_store(path: str | os.PathLike[str], readonly: bool = False,
 # -------------------------------------------------------------------- load helpers
 
 
-def _dtype_name(dtype: Any) -> str:
+def _dtype_name(dtype: Any) -> DTypeName:
     try:
-        name: str = np.dtype(dtype).name
+        name = np.dtype(dtype).name
     except TypeError:
         raise SchemaError(f"unknown dtype {dtype!r}") from None
     if name not in DTYPES:
         raise SchemaError(f"dtype must be one of {sorted(DTYPES)}, got {name}")
-    return name
+    return cast(DTypeName, name)
 
 
-def _default_dtype(dt: np.dtype[Any]) -> str:
-    return dt.name if dt.name in DTYPES else "float32"
+def _default_dtype(dt: np.dtype[Any]) -> DTypeName:
+    return _dtype_name(dt) if dt.name in DTYPES else "float32"
 
 
 def _read_source(keys: Any, vectors: Any, key_column: str, vector_column: str) -> tuple[Any, np.ndarray]:
@@ -355,7 +341,7 @@ def _read_arrow(source: Any, key_column: str, vector_column: str) -> tuple[Any, 
     return keys, flat.reshape(len(vec_col), dim)
 
 
-def _infer_key_type(keys: Any) -> str:
+def _infer_key_type(keys: Any) -> KeyType:
     if isinstance(keys, np.ndarray):
         if keys.dtype.kind in "iu":
             return "int64"

@@ -32,20 +32,19 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
-from typing import Final
+from typing import Final, Literal
 
 import xxhash
 
-from ..errors import CorruptTableError
+__all__ = ["SYNC_POLICIES", "SyncPolicy", "WriteAheadLog"]
 
-__all__ = ["SYNC_POLICIES", "WriteAheadLog"]
-
-SYNC_POLICIES: Final = ("always", "interval", "never")
+SyncPolicy = Literal["always", "interval", "never"]
+SYNC_POLICIES: Final[tuple[SyncPolicy, ...]] = ("always", "interval", "never")
 CHECKPOINT_BYTES: Final = 64 << 20
 WAL_SUFFIX: Final = ".wal"
 
 _FILE_MAGIC: Final = b"EMBKVWAL"
-LOG_VERSION: Final = 2  # 2: put records carry row tags (see table._apply_record)
+LOG_VERSION: Final = 2  # 2: put records carry row tags (see recovery.apply_record)
 _FILE_HEADER = struct.Struct("<8sIIQ16sQ")  # magic, version, reserved, table created_ns, boot id, checkpoint gen
 _REC_MAGIC: Final = 0x4C574B45
 _REC_HEADER = struct.Struct("<IHHQQQ")  # magic, kind, reserved, count, payload bytes, generation
@@ -69,7 +68,7 @@ def boot_id() -> bytes:
 class WriteAheadLog:
     """The log file of one table version, opened by a writer."""
 
-    def __init__(self, path: str, policy: str, interval: float, durable: bool = True) -> None:
+    def __init__(self, path: str, policy: SyncPolicy, interval: float, durable: bool = True) -> None:
         if policy not in SYNC_POLICIES:
             raise ValueError(f"sync must be one of {SYNC_POLICIES}, got {policy!r}")
         self.path = path
@@ -215,9 +214,4 @@ def checkpoint_due(wal: WriteAheadLog) -> bool:
 
 def wal_path(table_path: str) -> str:
     return table_path + WAL_SUFFIX
-
-
-def check_payload(payload_len: int, expect: int) -> None:
-    if payload_len != expect:
-        raise CorruptTableError("write-ahead log record does not match the table's schema")
 
