@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 import embkv
-from embkv.compute.queue import SQLiteQueue
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in a pip package: never go online
 
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         store = embkv.open(path)
         store.create_table(TABLE, dim=DIM, dtype="float32", key_type="str")
-        cache = embkv.EmbeddingCache(store, TABLE, SQLiteQueue.beside(store, TABLE), oov="zeros")
+        cache = embkv.EmbeddingCache(store, TABLE, embkv.SQLiteQueue.beside(store, TABLE), oov="zeros")
         thread = embkv.run_in_thread(embkv.Worker(store, TABLE, encode, batch=64))
 
         t = time.perf_counter()

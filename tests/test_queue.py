@@ -16,17 +16,8 @@ import numpy as np
 import pytest
 
 import embkv
-from embkv.compute.queue import (
-    _CLAIM_EXPIRED_SQL,
-    _CLAIM_READY_SQL,
-    _DEPTH_SQL,
-    _LEASE_SQL,
-    QueueUnavailableError,
-    RedisStreamQueue,
-    SQLiteQueue,
-    WorkItem,
-    WorkQueue,
-)
+from embkv import QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
+from embkv.compute.sqlite_queue import _CLAIM_EXPIRED_SQL, _CLAIM_READY_SQL, _DEPTH_SQL, _LEASE_SQL
 from helpers import results_of
 
 
@@ -152,9 +143,9 @@ def test_keys_come_back_exactly_as_queued(store_path: str, key_type: str) -> Non
 
 def test_enqueue_that_fails_midway_says_how_many_went_in(sqlite_queue: SQLiteQueue,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import embkv.compute.queue
+    import embkv.compute.sqlite_queue
 
-    monkeypatch.setattr(embkv.compute.queue, "_ENQUEUE_CHUNK", 3)  # commits every 3 keys
+    monkeypatch.setattr(embkv.compute.sqlite_queue, "_ENQUEUE_CHUNK", 3)  # commits every 3 keys
     db = sqlite3.connect(sqlite_queue.path)
     db.execute("CREATE TRIGGER refuse_13 BEFORE INSERT ON items WHEN NEW.key = 13 "
                "BEGIN SELECT RAISE(ABORT, 'key 13 refused'); END")

@@ -25,9 +25,11 @@ See ARCHITECTURE.md for the file format and the concurrency protocol.
 
 from __future__ import annotations
 
-from .compute.cache import HIT, OOV, STALE, CacheMetrics, EmbeddingCache, FillMetrics, SharedMetrics
-from .compute.queue import FailureInfo, QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
-from .compute.worker import Worker, WorkerMetrics, WorkerProcess, WorkerThread, run_in_process, run_in_thread
+from .compute.cache import HIT, OOV, STALE, EmbeddingCache
+from .compute.queue import FailureInfo, QueueUnavailableError, WorkItem, WorkQueue
+from .compute.redis_queue import RedisStreamQueue
+from .compute.sqlite_queue import SQLiteQueue
+from .compute.worker import Worker, WorkerProcess, WorkerThread, run_in_process, run_in_thread
 from .errors import (
     CorruptTableError,
     EmbkvError,
@@ -49,6 +51,8 @@ from .file.format import FORMAT_VERSION, make_tag
 from .file.kernels import BACKEND as KERNEL_BACKEND
 from .file.store import Store, open_store
 from .file.table import Table
+from .interface import Capabilities, EmbeddingTable
+from .metrics import CacheMetrics, FillMetrics, SharedMetrics, WorkerMetrics
 
 open = open_store  # `embkv.open(path)` is the documented entry point
 
@@ -61,8 +65,10 @@ __all__ = [
     "OOV",
     "STALE",
     "CacheMetrics",
+    "Capabilities",
     "CorruptTableError",
     "EmbeddingCache",
+    "EmbeddingTable",
     "EmbkvError",
     "FailureInfo",
     "FillMetrics",

@@ -290,8 +290,8 @@ def queue_cmd(store: str, table: str, queue_spec: str, show_failures: bool, retr
     """Show the compute-on-miss queue of TABLE: depth, failures, and the metrics every cache
     process and worker shares (hit rate, OOV served, compute time, time from first miss to fill).
     """
-    from embkv.compute.cache import SharedMetrics
     from embkv.compute.worker import open_queue
+    from embkv.metrics import SharedMetrics
 
     s = embkv.open(store, readonly=True)
     try:

@@ -17,7 +17,6 @@ Run one with ``embkv worker STORE TABLE --compute module:function``, in a thread
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import multiprocessing
 import multiprocessing.process
@@ -33,8 +32,11 @@ import numpy as np
 
 from ..errors import EmbkvError, SchemaError
 from ..file.store import Store, open_store
-from .cache import fill_tag, histogram_deltas
-from .queue import Key, QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
+from ..metrics import WorkerMetrics, histogram_deltas
+from .cache import fill_tag
+from .queue import Key, QueueUnavailableError, WorkItem, WorkQueue
+from .redis_queue import RedisStreamQueue
+from .sqlite_queue import SQLiteQueue
 
 __all__ = ["Worker", "WorkerMetrics", "WorkerProcess", "WorkerThread", "load_compute", "open_queue",
            "run_in_process", "run_in_thread"]
@@ -71,31 +73,6 @@ def open_queue(spec: str | None, store: Store, table: str, **kwargs: Any) -> Wor
     raise SchemaError(f"queue must be 'sqlite' or a redis:// URL, got {spec!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerMetrics:
-    """Counters of one worker. ``fill_seconds_*``: from a key's first miss to its vector written."""
-
-    batches: int
-    computed: int
-    failed: int
-    retried: int
-    gave_up: int
-    compute_seconds_total: float
-    compute_seconds_max: float
-    fill_seconds_total: float
-    fill_seconds_max: float
-    last_error: str | None
-
-    @property
-    def compute_seconds_mean(self) -> float:
-        """Mean compute latency per batch."""
-        return self.compute_seconds_total / self.batches if self.batches else 0.0
-
-    @property
-    def fill_seconds_mean(self) -> float:
-        return self.fill_seconds_total / self.computed if self.computed else 0.0
-
-
 class Worker:
     """Computes queued keys of table ``name`` with ``compute(keys) -> [B, dim] array``."""
 
@@ -114,12 +91,12 @@ class Worker:
         self.lease_seconds = float(lease_seconds)
         self.idle_sleep = float(idle_sleep)
         self._stop = threading.Event()
-        self._m: dict[str, Any] = dict(batches=0, computed=0, failed=0, retried=0, gave_up=0,
+        self._counts: dict[str, Any] = dict(batches=0, computed=0, failed=0, retried=0, gave_up=0,
                                        compute_seconds_total=0.0, compute_seconds_max=0.0,
                                        fill_seconds_total=0.0, fill_seconds_max=0.0, last_error=None)
 
     def metrics(self) -> WorkerMetrics:
-        return WorkerMetrics(**self._m)
+        return WorkerMetrics(**self._counts)
 
     def stop(self) -> None:
         """Ask the loop to end after the current batch."""
@@ -181,21 +158,21 @@ class Worker:
             self.table.put(k, np.stack(rows), tags=fill_tag(self.model_version, now))
             self.queue.ack(good)
             fills = [max(0.0, now - it.enqueued_at) for it in good]
-            self._m["computed"] += len(good)
-            self._m["fill_seconds_total"] += sum(fills)
-            self._m["fill_seconds_max"] = max(self._m["fill_seconds_max"], *fills)
+            self._counts["computed"] += len(good)
+            self._counts["fill_seconds_total"] += sum(fills)
+            self._counts["fill_seconds_max"] = max(self._counts["fill_seconds_max"], *fills)
         else:
             fills = []
         for it, error in bad:
             if self.queue.fail(it, error):
-                self._m["retried"] += 1
+                self._counts["retried"] += 1
             else:
-                self._m["gave_up"] += 1
-            self._m["failed"] += 1
-            self._m["last_error"] = error
-        self._m["batches"] += 1
-        self._m["compute_seconds_total"] += elapsed
-        self._m["compute_seconds_max"] = max(self._m["compute_seconds_max"], elapsed)
+                self._counts["gave_up"] += 1
+            self._counts["failed"] += 1
+            self._counts["last_error"] = error
+        self._counts["batches"] += 1
+        self._counts["compute_seconds_total"] += elapsed
+        self._counts["compute_seconds_max"] = max(self._counts["compute_seconds_max"], elapsed)
         self._report(fills, elapsed, len(good), len(bad))
         return len(items)
 
@@ -206,7 +183,7 @@ class Worker:
         try:
             self.queue.add_counters({k: v for k, v in deltas.items() if v})
         except QueueUnavailableError as exc:
-            self._m["last_error"] = f"{type(exc).__name__}: {exc}"
+            self._counts["last_error"] = f"{type(exc).__name__}: {exc}"
 
     def run(self, *, until_idle: bool = False) -> None:
         """Process batches until :meth:`stop` (or, with ``until_idle``, until nothing is ready).
@@ -218,7 +195,7 @@ class Worker:
             try:
                 claimed = self.run_once()
             except (EmbkvError, OSError) as exc:
-                self._m["last_error"] = f"{type(exc).__name__}: {exc}"
+                self._counts["last_error"] = f"{type(exc).__name__}: {exc}"
                 self._stop.wait(max(self.idle_sleep, 0.5))
                 continue
             if not claimed:
