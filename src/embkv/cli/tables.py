@@ -1,0 +1,214 @@
+"""`embkv` commands on tables: create, load, info, get, export, copy, check, repair, drop."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+import numpy as np
+
+import embkv
+from embkv.file.format import DTypeName, KeyType
+
+__all__ = ["COMMANDS"]
+
+
+@click.command()
+@click.argument("store")
+@click.argument("table")
+@click.option("--dim", type=click.IntRange(1), required=True, help="Vector width.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "float64"]), default="float32",
+              show_default=True)
+@click.option("--key-type", type=click.Choice(["int64", "str"]), default="int64", show_default=True)
+@click.option("--capacity", type=click.IntRange(16), default=1024, show_default=True,
+              help="Starting size in rows; tables grow on their own.")
+def create(store: str, table: str, dim: int, dtype: DTypeName, key_type: KeyType, capacity: int) -> None:
+    """Create an empty TABLE in STORE."""
+    t = embkv.open(store).create_table(table, dim=dim, dtype=dtype, key_type=key_type, capacity=capacity)
+    click.echo(f"created {t!r}")
+
+
+@click.command()
+@click.argument("store")
+@click.argument("table")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("vectors", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--key-column", default="key", show_default=True, help="Parquet: column holding keys.")
+@click.option("--vector-column", default="vector", show_default=True, help="Parquet: list column of vectors.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "float64"]), default=None,
+              help="Stored dtype of a new table (default: the data's float type, else float32).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def load(store: str, table: str, source: str, vectors: str | None, key_column: str, vector_column: str,
+         dtype: DTypeName | None, quiet: bool) -> None:
+    """Build a new version of TABLE from files and publish it atomically.
+
+    \b
+    SOURCE VECTORS   two .npy files: keys [N] (integers or strings) and vectors [N, dim]
+    SOURCE.npz       arrays named 'keys' and 'vectors' (what `embkv export` writes)
+    SOURCE.parquet   a keys column and a list column of vectors (needs pyarrow)
+
+    Open readers switch to the new version on their next lookup.
+    """
+    from tqdm import tqdm
+
+    keys: Any = source
+    vecs: Any = vectors
+    if source.endswith(".npz"):
+        with np.load(source, allow_pickle=False) as npz:
+            keys, vecs = npz["keys"], npz["vectors"]
+    elif vectors is None and not source.endswith((".parquet", ".pq")):
+        raise click.UsageError("give a VECTORS .npy file, or a .npz / .parquet SOURCE")
+    total = None
+    if vecs is not None:
+        total = len(np.load(vecs, mmap_mode="r")) if isinstance(vecs, str) else len(vecs)
+    with tqdm(total=total, unit="rows", unit_scale=True, disable=quiet, desc=f"loading {table}") as bar:
+        t = embkv.open(store).load_table(table, keys, vecs, key_column=key_column, vector_column=vector_column,
+                                         dtype=dtype, progress=bar.update)
+    click.echo(f"published {t!r}")
+
+
+@click.command()
+@click.argument("store")
+@click.argument("table", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(store: str, table: str | None, as_json: bool) -> None:
+    """Describe STORE's tables, or one TABLE in detail."""
+    s = embkv.open(store, readonly=True)
+    names = [table] if table else s.list_tables()
+    infos = [s[name].info() for name in names]
+    if as_json:
+        click.echo(json.dumps(infos if table is None else infos[0], indent=2))
+        return
+    if not infos:
+        click.echo(f"{store}: no tables")
+    for i in infos:
+        click.echo(f"{i['name']}: {i['rows']:,} rows x {i['dim']} {i['dtype']}, {i['key_type']} keys")
+        if table:
+            for k, v in i.items():
+                click.echo(f"  {k:<16}{v}")
+
+
+@click.command(context_settings={"ignore_unknown_options": True})  # negative int keys are not options
+@click.argument("store")
+@click.argument("table")
+@click.argument("keys", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print {key: vector or null} as JSON.")
+def get(store: str, table: str, keys: tuple[str, ...], as_json: bool) -> None:
+    """Print the vectors of KEYS in TABLE (integers for int64 tables)."""
+    t = embkv.open(store, readonly=True)[table]
+    lookup: Any = list(keys)
+    if t.key_type == "int64":
+        try:
+            lookup = np.array([int(k) for k in keys], dtype=np.int64)
+        except ValueError:
+            raise click.BadParameter("this table has int64 keys", param_hint="KEYS") from None
+    vectors, found = t.get(lookup)
+    if as_json:
+        click.echo(json.dumps({k: (v.tolist() if f else None) for k, v, f in zip(keys, vectors, found, strict=True)}))
+        return
+    with np.printoptions(precision=4, suppress=True, linewidth=120, threshold=20):
+        for k, v, f in zip(keys, vectors, found, strict=True):
+            click.echo(f"{k}: {v}" if f else f"{k}: (missing)")
+    if not found.all():
+        sys.exit(2)
+
+
+@click.command()
+@click.argument("store")
+@click.argument("table")
+@click.argument("out", type=click.Path(dir_okay=False))
+def export(store: str, table: str, out: str) -> None:
+    """Write TABLE's keys and vectors to OUT (.npz, or .parquet with pyarrow)."""
+    t = embkv.open(store, readonly=True)[table]
+    keys, vectors = t.export()
+    tmp = out + ".partial"
+    if out.endswith((".parquet", ".pq")):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        flat = pa.array(vectors.reshape(-1))
+        col = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+        pq.write_table(pa.table({"key": pa.array(keys), "vector": col}), tmp)
+    else:
+        if not out.endswith(".npz"):
+            raise click.BadParameter("OUT must end in .npz or .parquet", param_hint="OUT")
+        with open(tmp, "wb") as f:
+            np.savez(f, keys=np.asarray(keys), vectors=vectors)
+    os.replace(tmp, out)
+    click.echo(f"wrote {len(vectors):,} rows to {out}")
+
+
+@click.command()
+@click.argument("store")
+@click.argument("table")
+@click.argument("dest")
+@click.option("--as", "dest_name", default=None, help="Name in DEST (default: TABLE).")
+def copy(store: str, table: str, dest: str, dest_name: str | None) -> None:
+    """Copy TABLE into the store DEST: snapshot /dev/shm to disk, or restore disk to /dev/shm.
+
+    Readers on both sides keep reading; readers of DEST switch to the copy on their next call.
+    """
+    t = embkv.open(store).copy_table(table, dest, dest_name)
+    click.echo(f"copied to {t.path}: {t!r}")
+
+
+@click.command()
+@click.argument("store", type=click.Path(exists=True))
+@click.argument("table", required=False)
+def check(store: str, table: str | None) -> None:
+    """Verify tables: header, index, row checksums, free rows, counters.
+
+    STORE may be a store folder (all tables, or TABLE) or one .ekv file. Exits 1 if any
+    problem is found, and names it.
+    """
+    from embkv.file.check import check_table, table_paths
+
+    failed = False
+    paths = table_paths(store, table)
+    if not paths:
+        click.echo(f"{store}: no tables")
+    for path in paths:
+        report = check_table(path)
+        click.echo(str(report))
+        failed |= not report.ok
+    if failed:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("store")
+@click.argument("table")
+@click.option("--yes", is_flag=True, help="Do not ask before dropping damaged rows.")
+def repair(store: str, table: str, yes: bool) -> None:
+    """Rebuild TABLE from its intact rows, dropping damaged ones, and publish it.
+
+    A table whose header is damaged cannot be repaired: restore it from a snapshot.
+    """
+    from embkv.file.check import check_table, repair_table
+
+    s = embkv.open(store)
+    before = check_table(s[table].path)
+    click.echo(str(before))
+    if before.ok:
+        return
+    if not yes:
+        click.confirm(f"drop {len(before.damaged_rows)} damaged row(s) and rebuild?", abort=True)
+    result = repair_table(s[table])
+    click.echo(f"rebuilt: kept {result['kept']:,} rows, dropped {result['dropped']:,}")
+    click.echo(str(check_table(s[table].path)))
+
+
+@click.command()
+@click.argument("store")
+@click.argument("table")
+@click.confirmation_option(prompt="Delete the table and its data?")
+def drop(store: str, table: str) -> None:
+    """Delete TABLE from STORE."""
+    embkv.open(store).drop_table(table)
+    click.echo(f"dropped {table}")
+
+
+COMMANDS = [create, load, info, get, export, copy, check, repair, drop]
