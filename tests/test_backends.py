@@ -42,6 +42,31 @@ def test_c_kernel_is_in_use():
     assert embkv.KERNEL_BACKEND == "c"
 
 
+def test_a_missing_c_kernel_warns_and_falls_back_to_numpy():
+    script = """
+import sys, warnings
+sys.modules["embkv.file._kernels"] = None  # the import of the compiled kernel fails
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import embkv
+print(embkv.KERNEL_BACKEND)
+print(",".join(type(w.message).__name__ for w in caught))
+print(all(isinstance(w.message, embkv.EmbkvWarning) for w in caught))
+"""
+    env = dict(os.environ)
+    env.pop("EMBKV_KERNEL", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["numpy", "KernelFallbackWarning", "True"], proc.stdout
+
+
+def test_asking_for_the_numpy_kernel_gives_no_warning():
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", "import embkv; print(embkv.KERNEL_BACKEND)"],
+                          env=numpy_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["numpy"]
+
+
 def test_table_error_and_cache_suites_pass_on_numpy_kernel():
     session = "np" + uuid.uuid4().hex[:10]
     proc = subprocess.run(

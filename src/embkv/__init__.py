@@ -33,7 +33,9 @@ from .compute.worker import Worker, WorkerProcess, WorkerThread, run_in_process,
 from .errors import (
     CorruptTableError,
     EmbkvError,
+    EmbkvWarning,
     FormatVersionError,
+    KernelFallbackWarning,
     KeyTypeError,
     NotATableError,
     ReadOnlyError,
@@ -48,7 +50,7 @@ from .errors import (
     WriterLockedError,
 )
 from .file.format import FORMAT_VERSION, make_tag
-from .file.kernels import BACKEND as KERNEL_BACKEND
+from .file.kernels import KERNEL_BACKEND
 from .file.store import Store, open_store
 from .file.table import Table
 from .interface import Capabilities, EmbeddingTable
@@ -70,9 +72,11 @@ __all__ = [
     "EmbeddingCache",
     "EmbeddingTable",
     "EmbkvError",
+    "EmbkvWarning",
     "FailureInfo",
     "FillMetrics",
     "FormatVersionError",
+    "KernelFallbackWarning",
     "KeyTypeError",
     "NotATableError",
     "QueueUnavailableError",

@@ -137,7 +137,6 @@ class EmbeddingCache:
 
     def _init_process_state(self) -> None:
         """Locks, counters, outbox and sender thread of this process (fresh after a fork)."""
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._push_lock = threading.Lock()
         # calls, keys, fresh, stale: added to by the kernel inside each lookup (under the GIL);

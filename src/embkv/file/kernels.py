@@ -14,15 +14,16 @@ import importlib
 import os
 import threading
 import time
-from typing import Any, Protocol
+import warnings
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import xxhash
 
-from ..errors import CorruptTableError, ReadRetryError
-from .format import COUNTERS_OFFSET, INLINE_KEY, Counter, Layout
+from ..errors import CorruptTableError, KernelFallbackWarning, ReadRetryError
+from .format import COUNTERS_OFFSET, INLINE_KEY, MAX_LOAD, Counter, Layout
 
-__all__ = ["BACKEND", "KernelView", "make_view", "mix64", "pack_str"]
+__all__ = ["KERNEL_BACKEND", "KernelView", "make_view", "mix64", "pack_str"]
 
 # freshness status a classifying get writes per key (the values of embkv.cache HIT / OOV / STALE)
 STATUS_FRESH, STATUS_MISS, STATUS_STALE = 0, 1, 2
@@ -288,7 +289,7 @@ class NumpyView:
         lay = self.layout
         if int(c[Counter.FREE]) + lay.row_capacity - int(c[Counter.ROWS_USED]) < n:
             return False
-        if (int(c[Counter.LIVE]) + int(c[Counter.TOMBS]) + n) * 4 > lay.slot_count * 3:
+        if int(c[Counter.LIVE]) + int(c[Counter.TOMBS]) + n > lay.slot_count * MAX_LOAD:  # _kernels.c: x * 4 > s * 3
             return False
         return int(c[Counter.HEAP_USED]) + heap_bytes <= lay.heap_capacity
 
@@ -477,21 +478,24 @@ def _tags_list(tags: Any, n: int) -> list[int]:
 
 
 def _load_c() -> Any:
+    """The compiled kernels, or None for the numpy fallback (asked for, or the only one there)."""
     if os.environ.get("EMBKV_KERNEL", "").lower() == "numpy":
-        return None
+        return None  # asked for: no warning
     try:
-        _kernels = importlib.import_module("embkv.file._kernels")
-    except ImportError:
+        kernels = importlib.import_module("embkv.file._kernels")
+    except ImportError as exc:
+        # a silent switch would hide a broken install behind writes that are 100x slower
+        warnings.warn(KernelFallbackWarning(
+            f"embkv's C kernel is not available ({exc}); using the numpy fallback (same files, slower). "
+            "Reinstall with a C compiler present (EMBKV_REQUIRE_KERNEL=1 makes a failed build an error), "
+            "or set EMBKV_KERNEL=numpy to choose the fallback and silence this warning."), stacklevel=2)
         return None
-    from ..errors import CorruptTableError as _C
-    from ..errors import ReadRetryError as _R
-
-    _kernels.set_errors(_C, _R)
-    return _kernels
+    kernels.set_errors(CorruptTableError, ReadRetryError)
+    return kernels
 
 
 _C_KERNELS = _load_c()
-BACKEND = "c" if _C_KERNELS is not None else "numpy"
+KERNEL_BACKEND: Literal["c", "numpy"] = "c" if _C_KERNELS is not None else "numpy"
 pack_str = _C_KERNELS.pack_str if _C_KERNELS is not None else _pack_str_py
 
 

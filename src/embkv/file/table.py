@@ -21,7 +21,7 @@ from ..errors import CorruptTableError, KeyTypeError, ReadOnlyError, SchemaError
 from ..interface import Capabilities
 from .format import Counter, KeyType
 from .inputs import as_int_keys, as_str_keys, as_tags, as_vectors, default_row, lookup_keys, unpack_str
-from .kernels import BACKEND, KernelView
+from .kernels import KERNEL_BACKEND, KernelView
 from .mapping import Mapping, export_live, live_keys, put_packed
 from .publish import is_memory_path
 from .wal import DELETE_INT, DELETE_STR, PUT_INT, PUT_STR, SyncPolicy
@@ -121,7 +121,7 @@ class Table:
             "free_rows": int(c[Counter.FREE]), "rows_used": int(c[Counter.ROWS_USED]),
             "key_heap_bytes": f"{int(c[Counter.HEAP_USED])}/{lay.heap_capacity}",
             "file_bytes": lay.file_size, "generation": int(c[Counter.GENERATION]),
-            "memory_only": not self.durable, "kernel": BACKEND,
+            "memory_only": not self.durable, "kernel": KERNEL_BACKEND,
         }
 
     # ---------------------------------------------------------------- reads
