@@ -21,6 +21,7 @@ import glob
 import multiprocessing
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ import psutil
 import pytest
 
 import embkv
+from embkv.testing import poll
+from helpers import free_port
 
 SHM = "/dev/shm"
 TMP = tempfile.gettempdir()
@@ -165,3 +168,34 @@ def store(store_path: str) -> Iterator[embkv.Store]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free local port, without persistence; stopped after the test."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not on PATH: the Redis Streams queue tests need a real server")
+    pytest.importorskip("redis", reason="redis-py is not installed (pip install embkv[redis])")
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.exceptions.ConnectionError:
+                assert proc.poll() is None, "redis-server exited"
+                return False
+
+        poll(up, 10, "redis-server to answer")
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

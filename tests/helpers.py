@@ -3,16 +3,15 @@
 This module must stay importable in a freshly spawned interpreter (no pytest import, no
 fixtures): multiprocessing's "spawn" context imports it by name in the child.
 
-Self-checking vectors: row ``v`` of key ``k`` written in version ``n`` holds
-``v[0] = k``, ``v[1] = n`` and ``v[j] = (k*7919 + n*104729 + j*31) mod 2**20`` for j >= 2.
-Every element is an integer below 2**24, so float32 stores it exactly, and a vector mixing
-two writes (two keys, or two versions of one key) fails :func:`check_vectors`.
+Self-checking vectors (``encode``, ``check_vectors``) come from :mod:`embkv.testing`, which
+the conformance suites share.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import traceback
 from typing import Any
@@ -20,34 +19,14 @@ from typing import Any
 import numpy as np
 
 import embkv
-
-DIM = 16
-_MOD = 1 << 20
+from embkv.testing.data import DIM, check_vectors, encode  # noqa: F401 (DIM: re-exported for the tests)
 
 
-def encode(keys: Any, versions: Any, dim: int = DIM) -> np.ndarray:
-    k = np.asarray(keys, dtype=np.int64).reshape(-1)
-    n = np.broadcast_to(np.asarray(versions, dtype=np.int64), k.shape)
-    j = np.arange(dim, dtype=np.int64)
-    out = (k[:, None] * 7919 + n[:, None] * 104729 + j[None, :] * 31) % _MOD
-    out[:, 0] = k
-    out[:, 1] = n
-    return out.astype(np.float32)
-
-
-def check_vectors(keys: Any, vectors: np.ndarray) -> np.ndarray:
-    """Assert each vector is a whole write of its key; return the version of each."""
-    k = np.asarray(keys, dtype=np.int64).reshape(-1)
-    vectors = np.asarray(vectors)
-    assert vectors.shape == (len(k), vectors.shape[1])
-    versions = vectors[:, 1].astype(np.int64)
-    want = encode(k, versions, vectors.shape[1])
-    bad = np.flatnonzero((want != vectors).any(axis=1))
-    assert not len(bad), (
-        f"{len(bad)} inconsistent vectors, e.g. key {k[bad[0]]}: got {vectors[bad[0]].tolist()}, "
-        f"want {want[bad[0]].tolist()}"
-    )
-    return versions
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (servers of the tests bind loopback only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def store_files(path: str) -> list[str]:

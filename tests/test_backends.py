@@ -67,7 +67,7 @@ def test_asking_for_the_numpy_kernel_gives_no_warning():
     assert proc.stdout.split() == ["numpy"]
 
 
-def test_table_error_and_cache_suites_pass_on_numpy_kernel():
+def test_table_error_conformance_and_cache_suites_pass_on_numpy_kernel():
     session = "np" + uuid.uuid4().hex[:10]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/test_table.py", "tests/test_errors.py", "tests/test_cache.py", "-q",

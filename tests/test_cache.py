@@ -20,11 +20,8 @@ import embkv
 from embkv import HIT, OOV, STALE, EmbeddingCache, SQLiteQueue, Worker
 from embkv.compute.worker import run_in_process, run_in_thread
 from embkv.file.format import make_tag
-from helpers import fork_and_run
-from test_queue import free_port, poll
-from test_queue import redis_url as redis_url_fixture
-
-redis_url = redis_url_fixture  # the redis-server fixture, shared with test_queue.py
+from embkv.testing import poll
+from helpers import fork_and_run, free_port
 
 DIM = 4
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -65,107 +65,6 @@ def test_errors_subclass_the_builtins():
 
 ONES = np.ones((1, 4), dtype=np.float32)
 
-BAD_INT_PUTS = {
-    "wrong dim": (lambda t: t.put([1], np.ones((1, 5))), errors.SchemaError),
-    "too few vectors": (lambda t: t.put([1, 2], ONES), errors.SchemaError),
-    "too many vectors": (lambda t: t.put([1], np.ones((2, 4))), errors.SchemaError),
-    "3-d vectors": (lambda t: t.put([1], np.ones((1, 1, 4))), errors.SchemaError),
-    "flat vector for two keys": (lambda t: t.put([1, 2], np.ones(8)), errors.SchemaError),
-    "scalar vector": (lambda t: t.put([1], 1.0), errors.SchemaError),
-    "string vectors": (lambda t: t.put([1], [["a", "b", "c", "d"]]), errors.SchemaError),
-    "object vectors": (lambda t: t.put([1], np.array([[1, None, 2, 3]], dtype=object)), errors.SchemaError),
-    "bool vectors": (lambda t: t.put([1], np.ones((1, 4), dtype=bool)), errors.SchemaError),
-    "complex vectors": (lambda t: t.put([1], np.ones((1, 4), dtype=complex)), errors.SchemaError),
-    "str keys": (lambda t: t.put(["1"], ONES), errors.KeyTypeError),
-    "bare str key": (lambda t: t.put("1", ONES), errors.KeyTypeError),
-    "bytes key": (lambda t: t.put(b"1", ONES), errors.KeyTypeError),
-    "float keys": (lambda t: t.put([1.0], ONES), errors.KeyTypeError),
-    "float array keys": (lambda t: t.put(np.array([1.5]), ONES), errors.KeyTypeError),
-    "2-d keys": (lambda t: t.put(np.array([[1], [2]]), np.ones((2, 4))), errors.KeyTypeError),
-    "ragged keys": (lambda t: t.put([[1], [2, 3]], np.ones((2, 4))), errors.KeyTypeError),
-    "bool keys": (lambda t: t.put([True], ONES), errors.KeyTypeError),
-    "None key": (lambda t: t.put(None, ONES), errors.KeyTypeError),
-    "mixed keys": (lambda t: t.put([1, "a"], np.ones((2, 4))), errors.KeyTypeError),
-    "uint64 above int64": (lambda t: t.put(np.array([2**63], dtype=np.uint64), ONES), errors.KeyTypeError),
-    "int above uint64": (lambda t: t.put([2**64], ONES), errors.KeyTypeError),
-    "delete str keys": (lambda t: t.delete(["1"]), errors.KeyTypeError),
-    "delete float keys": (lambda t: t.delete([1.0, 2.0]), errors.KeyTypeError),
-    "delete 2-d keys": (lambda t: t.delete(np.array([[1, 2]])), errors.KeyTypeError),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INT_PUTS))
-def test_bad_write_to_int_table(ints, case):
-    call, exc = BAD_INT_PUTS[case]
-    before = snapshot(ints)
-    with pytest.raises(exc):
-        call(ints)
-    assert snapshot(ints) == before
-
-
-BAD_STR_PUTS = {
-    "int keys": (lambda t: t.put([1], ONES), errors.KeyTypeError),
-    "int array keys": (lambda t: t.put(np.array([1, 2]), np.ones((2, 4))), errors.KeyTypeError),
-    "float keys": (lambda t: t.put([1.5], ONES), errors.KeyTypeError),
-    "None key": (lambda t: t.put([None], ONES), errors.KeyTypeError),
-    "mixed keys": (lambda t: t.put(["a", 1], np.ones((2, 4))), errors.KeyTypeError),
-    "nested keys": (lambda t: t.put([["a"]], ONES), errors.KeyTypeError),
-    "2-d key array": (lambda t: t.put(np.array([["a"], ["b"]]), np.ones((2, 4))), errors.KeyTypeError),
-    "not a sequence": (lambda t: t.put(5, ONES), errors.KeyTypeError),
-    "wrong dim": (lambda t: t.put(["a"], np.ones((1, 3))), errors.SchemaError),
-    "string vectors": (lambda t: t.put(["a"], [["1", "2", "3", "4"]]), errors.SchemaError),
-    "delete int keys": (lambda t: t.delete([1]), errors.KeyTypeError),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_STR_PUTS))
-def test_bad_write_to_str_table(strs, case):
-    call, exc = BAD_STR_PUTS[case]
-    before = snapshot(strs)
-    with pytest.raises(exc):
-        call(strs)
-    assert snapshot(strs) == before
-
-
-def test_bad_reads_raise_typed_errors(ints, strs):
-    with pytest.raises(errors.KeyTypeError):
-        ints.get(["1"])
-    with pytest.raises(errors.KeyTypeError):
-        ints.get([1.5])
-    with pytest.raises(errors.KeyTypeError):
-        ints.get(np.zeros((2, 2), dtype=np.int64))
-    with pytest.raises(errors.KeyTypeError):
-        ints.contains(["a"])
-    with pytest.raises(errors.KeyTypeError):
-        strs.get([1])
-    with pytest.raises(errors.KeyTypeError):
-        strs.get(np.array([1, 2]))
-    with pytest.raises(errors.KeyTypeError):
-        strs.get(["a", None])
-    with pytest.raises(errors.KeyTypeError):
-        strs.contains([1])
-    for t, key in ((ints, 1), (strs, "k1")):
-        with pytest.raises(errors.SchemaError):
-            t.get([key], default=[1, 2])
-        with pytest.raises(errors.SchemaError):
-            t.get([key], default="x")
-        assert t.get([key])[1].all()
-
-
-def test_ragged_vectors_get_schema_error(ints):
-    before = snapshot(ints)
-    with pytest.raises(errors.SchemaError):
-        ints.put([1, 2], [[1, 2, 3, 4], [1, 2, 3]])
-    assert snapshot(ints) == before
-
-
-def test_unencodable_str_key_gets_key_type_error(strs):
-    before = snapshot(strs)
-    with pytest.raises(errors.KeyTypeError):
-        strs.put(["ok", "\ud800"], np.ones((2, 4)))
-    assert snapshot(strs) == before
-
-
 # ------------------------------------------------------------------ store-level misuse
 
 
@@ -266,12 +165,7 @@ def test_table_name_with_trailing_newline_is_rejected(store):
 def test_closed_table_and_store(store):
     t = store.create_table("t", dim=4)
     t.put([1], ONES)
-    t.close()
-    for call in (lambda: t.get([1]), lambda: t.put([2], ONES), lambda: t.delete([1]), lambda: len(t),
-                 lambda: t.keys(), lambda: t.contains([1]), lambda: t.export(), lambda: t.info()):
-        with pytest.raises(errors.TableClosedError):
-            call()
-    t.close()  # closing twice is fine
+    t.close()  # (calls on a closed table: the contract suite, test_conformance.py)
     assert store["t"].get([1])[1].all()  # the store opens it again
     store.close()
     for call in (lambda: store["t"], lambda: store.list_tables(), lambda: store.create_table("u", dim=1),

@@ -1,75 +1,56 @@
-"""Work queues of compute on miss: SQLite (embedded, shared by processes) and Redis Streams (real redis-server)."""
+"""Work queues of compute on miss: SQLite (embedded, shared by processes) and Redis Streams (real redis-server).
+
+Both run the shipped contract suite (``embkv.testing.WorkQueueTests``); what is specific to
+one backend (SQLite's indexes and file, Redis's bytes keys) is tested below it.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
-import socket
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 
-import embkv
-from embkv import QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkItem, WorkQueue
+from embkv import QueueUnavailableError, RedisStreamQueue, SQLiteQueue, WorkQueue
 from embkv.compute.sqlite_queue import _CLAIM_EXPIRED_SQL, _CLAIM_READY_SQL, _DEPTH_SQL, _LEASE_SQL
-from helpers import results_of
+from embkv.testing import WorkQueueTests
+from embkv.testing.queue import keys_of
+from helpers import free_port, results_of
 
 
-def poll(fn: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Call ``fn`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+class TestSQLiteQueue(WorkQueueTests):
+    @pytest.fixture
+    def make_queue(self, store_path: str) -> Iterator[Callable[..., WorkQueue]]:
+        os.makedirs(store_path)
+        opened: list[WorkQueue] = []
+
+        def make(key_type: str = "int64", *, name: str = "q", **kwargs: Any) -> WorkQueue:
+            q = SQLiteQueue(os.path.join(store_path, f"{name}.queue.sqlite"), key_type, **kwargs)
+            opened.append(q)
+            return q
+
+        yield make
+        for q in opened:
+            q.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class TestRedisStreamQueue(WorkQueueTests):
+    @pytest.fixture
+    def make_queue(self, redis_url: str) -> Iterator[Callable[..., WorkQueue]]:
+        opened: list[WorkQueue] = []
 
+        def make(key_type: str = "int64", *, name: str = "q", **kwargs: Any) -> WorkQueue:
+            q = RedisStreamQueue(redis_url, name, key_type, **kwargs)
+            opened.append(q)
+            return q
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A real redis-server on a free local port, without persistence; stopped after the test."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not on PATH: the Redis Streams queue tests need a real server")
-    pytest.importorskip("redis", reason="redis-py is not installed (pip install embkv[redis])")
-    import redis
-
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.exceptions.ConnectionError:
-                assert proc.poll() is None, "redis-server exited"
-                return False
-
-        poll(up, 10, "redis-server to answer")
-        client.close()
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        yield make
+        for q in opened:
+            q.close()
 
 
 @pytest.fixture
@@ -77,67 +58,6 @@ def sqlite_queue(store_path: str) -> Iterator[SQLiteQueue]:
     os.makedirs(store_path)
     q = SQLiteQueue(os.path.join(store_path, "t.queue.sqlite"), "int64", backoff=0.05, max_attempts=3)
     yield q
-    q.close()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def queue(request: pytest.FixtureRequest, store_path: str) -> Iterator[WorkQueue]:
-    q: WorkQueue
-    if request.param == "sqlite":
-        os.makedirs(store_path)
-        q = SQLiteQueue(os.path.join(store_path, "t.queue.sqlite"), "int64", backoff=0.05, max_attempts=3)
-    else:
-        url = request.getfixturevalue("redis_url")
-        q = RedisStreamQueue(url, "t", "int64", backoff=0.05, max_attempts=3)
-    yield q
-    q.close()
-
-
-def keys_of(items: list[WorkItem]) -> list[Any]:
-    return sorted(it.key for it in items)
-
-
-def another_handle(q: WorkQueue) -> WorkQueue:
-    """A second queue object on the same file or stream (another process would open the same)."""
-    if isinstance(q, SQLiteQueue):
-        return SQLiteQueue(q.path, q.key_type)
-    assert isinstance(q, RedisStreamQueue)
-    return RedisStreamQueue(q.url, q.name, q.key_type)
-
-
-def test_enqueue_once(queue: WorkQueue) -> None:
-    assert queue.enqueue([1, 2, 3]) == 3
-    assert queue.enqueue([2, 3, 4, 4]) == 1  # pending keys are not queued again
-    assert queue.depth() == 4
-    items = queue.claim(2, lease_seconds=30)
-    assert len(items) == 2
-    assert queue.enqueue([it.key for it in items]) == 0  # nor are keys being computed
-    assert queue.depth() == 4
-    queue.ack(items)
-    assert queue.depth() == 2
-    assert queue.enqueue([it.key for it in items]) == 2  # done keys may be queued again
-    rest = queue.claim(10)
-    assert keys_of(rest) == sorted({1, 2, 3, 4})
-    assert all(it.enqueued_at <= time.time() and it.attempts == 0 for it in rest)
-
-
-@pytest.mark.parametrize("key_type", ["int64", "str"])
-def test_keys_come_back_exactly_as_queued(store_path: str, key_type: str) -> None:
-    os.makedirs(store_path)
-    q = SQLiteQueue(os.path.join(store_path, "k.queue.sqlite"), key_type)
-    if key_type == "int64":
-        keys: list[Any] = [0, -1, 2**63 - 1, -(2**63), 12345678901234]
-        more: list[Any] = [np.int64(7), 8]  # not all plain ints: the checked path
-    else:
-        keys = ["plain", 'with "quotes"', "back\\slash", "ключ", "🔑" * 3, "tab\tnewline\n", "\x00nul", ""]
-        more = [b"raw \xff bytes", "text"]  # bytes keys take the bound-parameter path
-    assert q.enqueue(keys + keys[:2]) == len(keys)
-    assert q.enqueue(keys) == 0  # the same keys, however they were sent, are pending already
-    assert q.enqueue(more) == 2
-    got = [it.key for it in q.claim(100)]
-    assert sorted(got, key=repr) == sorted(keys + [k if not isinstance(k, np.integer) else int(k) for k in more],
-                                           key=repr)
-    assert q.enqueue(got) == 0
     q.close()
 
 
@@ -156,13 +76,6 @@ def test_enqueue_that_fails_midway_says_how_many_went_in(sqlite_queue: SQLiteQue
     assert info.value.added == 3 and sqlite_queue.depth() == 3  # the first chunk is queued
 
 
-def test_int64_queue_refuses_keys_outside_int64(sqlite_queue: SQLiteQueue) -> None:
-    for bad in ([2**63], [-(2**63) - 1], [1, 2**64]):
-        with pytest.raises(embkv.KeyTypeError, match="int64"):
-            sqlite_queue.enqueue(bad)
-    assert sqlite_queue.depth() == 0
-
-
 def test_redis_keeps_bytes_keys_that_are_not_utf8(redis_url: str) -> None:
     q = RedisStreamQueue(redis_url, "b", "str")
     assert q.enqueue([b"\xff\xfe raw", "text", b"utf8 bytes"]) == 3
@@ -172,60 +85,6 @@ def test_redis_keeps_bytes_keys_that_are_not_utf8(redis_url: str) -> None:
     q.ack(got)
     assert q.depth() == 0
     q.close()
-
-
-def test_expired_lease_is_claimed_again(queue: WorkQueue) -> None:
-    queue.enqueue(np.arange(5))
-    first = queue.claim(5, lease_seconds=0.1)
-    assert keys_of(first) == [0, 1, 2, 3, 4]
-    assert queue.claim(5, lease_seconds=30) == []  # leased
-    # (Redis: a message is taken over once idle longer than the *claimer's* lease_seconds)
-    again = poll(lambda: queue.claim(5, lease_seconds=0.1), 10, "the lease to run out")
-    assert keys_of(again) == [0, 1, 2, 3, 4]
-    queue.ack(again)
-    assert queue.depth() == 0
-
-
-def test_fail_retries_with_backoff_then_gives_up(queue: WorkQueue) -> None:
-    queue.enqueue([10, 11])
-    items = {it.key: it for it in queue.claim(2)}
-    t0 = time.monotonic()
-    assert queue.fail(items[10], "ValueError: bad key 10") is True
-    queue.ack([items[11]])
-    assert queue.claim(2) == []  # waiting for its backoff
-    assert queue.failures()[10] == embkv.FailureInfo(1, "ValueError: bad key 10", False)
-    assert queue.enqueue([10]) == 0  # still pending
-    retry = poll(lambda: queue.claim(2), 10, "the retry")
-    assert time.monotonic() - t0 >= 0.05 - 0.01
-    assert [(it.key, it.attempts) for it in retry] == [(10, 1)]
-    assert queue.fail(retry[0], "ValueError: again") is True
-    retry = poll(lambda: queue.claim(2), 10, "the second retry")
-    assert retry[0].attempts == 2
-    assert queue.fail(retry[0], "ValueError: third") is False  # max_attempts=3
-    info = queue.failures()[10]
-    assert info.gave_up and info.attempts == 3 and "third" in info.error
-    assert queue.depth() == 0
-    assert queue.enqueue([10]) == 0  # given up: not queued again by lookups
-    assert queue.retry_failed() == 1
-    assert [it.key for it in poll(lambda: queue.claim(5), 10, "the revived key")] == [10]
-
-
-def test_retry_delay_is_exponential_and_capped(sqlite_queue: SQLiteQueue) -> None:
-    sqlite_queue.max_backoff = 0.3
-    assert [sqlite_queue.retry_delay(a) for a in (1, 2, 3, 4, 5)] == [0.05, 0.1, 0.2, 0.3, 0.3]
-
-
-def test_key_types_are_checked(sqlite_queue: SQLiteQueue, store_path: str) -> None:
-    with pytest.raises(embkv.KeyTypeError):
-        sqlite_queue.enqueue(["a"])
-    with pytest.raises(embkv.KeyTypeError):
-        sqlite_queue.enqueue([1.5])
-    sq = SQLiteQueue(os.path.join(store_path, "s.queue.sqlite"), "str")
-    with pytest.raises(embkv.KeyTypeError):
-        sq.enqueue([1])
-    assert sq.enqueue(["a", "b", "a"]) == 2
-    assert keys_of(sq.claim(5)) == ["a", "b"]
-    sq.close()
 
 
 def test_sqlite_queue_survives_reopen(sqlite_queue: SQLiteQueue) -> None:
@@ -372,49 +231,6 @@ def test_sqlite_old_queue_file_is_upgraded(store_path: str) -> None:
     q.add_counters({"hits": 2})
     assert q.counters() == {"hits": 2.0}
     q.close()
-
-
-# ---------------------------------------------------------------- shared counters
-
-def test_counters_add_up_across_queue_objects(queue: WorkQueue) -> None:
-    other = another_handle(queue)
-    assert queue.counters() == {}
-    queue.add_counters({"lookups": 3, "hits": 2.5})
-    other.add_counters({"hits": 0.25, "fill_ms_le_10": 1})
-    queue.add_counters({"lookups": 1})
-    want = {"lookups": 4.0, "hits": 2.75, "fill_ms_le_10": 1.0}
-    assert queue.counters() == want
-    assert other.counters() == want
-    other.add_counters({"hits": -0.75})  # a delta may be negative (a gauge moved down)
-    assert queue.counters()["hits"] == 2.0
-    other.close()
-
-
-def test_counters_empty_deltas_do_nothing(queue: WorkQueue) -> None:
-    queue.add_counters({})
-    assert queue.counters() == {}
-    queue.add_counters({"a": 1})
-    queue.add_counters({})
-    assert queue.counters() == {"a": 1.0}
-
-
-def test_counters_reject_bad_input(queue: WorkQueue) -> None:
-    queue.add_counters({"a": 1})
-    for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="finite"):
-            queue.add_counters({"b": 1, "a": bad})  # all or nothing: "b" is not added either
-    with pytest.raises(TypeError):
-        queue.add_counters({"": 1})
-    with pytest.raises(TypeError):
-        queue.add_counters({3: 1})  # type: ignore[dict-item]
-    with pytest.raises(TypeError):
-        queue.add_counters({"b": "1"})  # type: ignore[dict-item]
-    assert queue.counters() == {"a": 1.0}
-
-
-def test_counters_are_not_queue_work(queue: WorkQueue) -> None:
-    queue.add_counters({"hits": 5})
-    assert queue.depth() == 0 and queue.claim(10) == [] and queue.failures() == {}
 
 
 def test_sqlite_counters_survive_reopen(sqlite_queue: SQLiteQueue) -> None:

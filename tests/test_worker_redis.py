@@ -20,10 +20,7 @@ import pytest
 import embkv
 from embkv import RedisStreamQueue, Worker
 from embkv.compute.worker import run_in_process
-from test_queue import poll
-from test_queue import redis_url as redis_url_fixture
-
-redis_url = redis_url_fixture  # the redis-server fixture, shared with test_queue.py
+from embkv.testing import poll
 
 DIM = 4
 N = 200

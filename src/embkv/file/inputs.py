@@ -6,7 +6,7 @@ anything is written, so a bad batch changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,8 @@ def as_int_keys(keys: Any) -> np.ndarray:
     """Keys for an int64 table as a contiguous int64 array; typed errors for anything else."""
     if isinstance(keys, (str, bytes)):
         raise KeyTypeError("int64 table: keys must be integers, got a string")
+    if isinstance(keys, Iterable) and not isinstance(keys, (Sequence, np.ndarray)):
+        keys = list(keys)  # a generator or a set: numpy would make a 0-d object array of it
     try:
         arr = np.asarray(keys)
     except (ValueError, TypeError) as exc:
