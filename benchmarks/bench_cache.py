@@ -20,11 +20,7 @@ import contextlib
 import dataclasses
 import gc
 import os
-import platform
-import shutil
-import signal
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -34,9 +30,8 @@ from typing import Any
 import numpy as np
 
 import embkv
-from _common import REPO, command_line, cpu_model, git_describe, make_log, raise_exit
-from embkv.format import make_tag
-from embkv.queue import SQLiteQueue
+from _common import REPO, make_log, pct_us, scratch
+from _report import Target, command_line, fmt_2f, fmt_raw, machine_lines
 
 log = make_log("bench_cache")
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "cache.md"
@@ -140,12 +135,7 @@ def encode_hash(keys: list[Any]) -> np.ndarray:
 # ---------------------------------------------------------------------------- helpers
 
 
-def pct(lat: list[int] | np.ndarray, q: float) -> float:
-    """Percentile ``q`` of nanosecond latencies, in microseconds."""
-    return float(np.percentile(np.asarray(lat, dtype=np.float64), q)) / 1e3
-
-
-def timed_calls(fn: Callable[[Any], Any], batches: Sequence[Any], out: list[int]) -> None:
+def time_batches(fn: Callable[[Any], Any], batches: Sequence[Any], out: list[int]) -> None:
     clock = time.perf_counter_ns
     for b in batches:
         t0 = clock()
@@ -170,28 +160,19 @@ def interleaved(contenders: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]
             for name in order:
                 fn, batches = contenders[name]
                 per = len(batches) // BLOCKS
-                timed_calls(fn, batches[block * per:(block + 1) * per], lat[name])
+                time_batches(fn, batches[block * per:(block + 1) * per], lat[name])
     finally:
         gc.enable()
     return lat
 
 
-def machine_lines() -> list[str]:
-    cpu = cpu_model()
-    mem = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
-        mem = f"{int(fh.readline().split()[1]) / (1 << 20):.1f} GiB"
-    git = git_describe()
+def model_libs() -> str:
+    """Versions of torch and sentence_transformers where this process has them."""
     libs = []
     for mod in ("torch", "sentence_transformers"):
         with contextlib.suppress(ImportError):
             libs.append(f"{mod} {__import__(mod).__version__}")
-    return [
-        f"- CPU: {cpu}; {os.cpu_count()} logical cores; RAM {mem}",
-        f"- OS: {platform.platform()}",
-        f"- Python {platform.python_version()}, numpy {np.__version__}, embkv {embkv.__version__} "
-        f"(kernel backend: `{embkv.KERNEL_BACKEND}`), {', '.join(libs) or 'no torch'}; git `{git}`",
-    ]
+    return ", ".join(libs) or "no torch"
 
 
 class Workers:
@@ -305,8 +286,8 @@ def part_hits(cache: embkv.EmbeddingCache, present: list[str], rng: np.random.Ge
         _v, status = cache.lookup(batches[0])
         assert (status == embkv.HIT).all(), "part (a) needs every key present and fresh"
         lat = interleaved({"get": (table.get, batches), "lookup": (cache.lookup, batches)})
-        rows.append(HitRow(batch, pct(lat["get"], 50), pct(lat["get"], 99), pct(lat["lookup"], 50),
-                           pct(lat["lookup"], 99)))
+        rows.append(HitRow(batch, pct_us(lat["get"], 50), pct_us(lat["get"], 99), pct_us(lat["lookup"], 50),
+                           pct_us(lat["lookup"], 99)))
         log(f"(a) batch {batch}: get p50 {rows[-1].get_p50:.1f} us, lookup p50 {rows[-1].lookup_p50:.1f} us")
     return rows
 
@@ -334,8 +315,8 @@ def part_misses(cache: embkv.EmbeddingCache, present: list[str], fresh: list[str
         lat = interleaved({"hit": (cache.lookup, hit_batches), "miss": (cache.lookup, miss_batches)})
         computed = progress() - before
         depth = cache.queue.depth()
-        rows.append(MissRow(batch, pct(lat["hit"], 50), pct(lat["hit"], 99), pct(lat["miss"], 50),
-                            pct(lat["miss"], 99), max(lat["miss"]) / 1e3, idle.get(batch, float("nan")),
+        rows.append(MissRow(batch, pct_us(lat["hit"], 50), pct_us(lat["hit"], 99), pct_us(lat["miss"], 50),
+                            pct_us(lat["miss"], 99), max(lat["miss"]) / 1e3, idle.get(batch, float("nan")),
                             computed, depth))
         log(f"(b) batch {batch}: all-hit p99 {rows[-1].hit_p99:.1f} us, 10% miss p99 {rows[-1].miss_p99:.1f} us; "
             f"{computed} keys computed meanwhile, queue depth after {depth}")
@@ -366,10 +347,6 @@ def part_fill(cache: embkv.EmbeddingCache, workers: Workers, n_workers: int, key
 # ---------------------------------------------------------------------------- report
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "**MISS**"
-
-
 def report(args: argparse.Namespace, model: str, hits: list[HitRow], misses: list[MissRow],
            fills: list[FillRow], elapsed: float) -> str:
     n_present = PRESENT[1 if args.quick else 0]
@@ -378,7 +355,7 @@ def report(args: argparse.Namespace, model: str, hits: list[HitRow], misses: lis
         "",
         f"Command: `{command_line()}` (seed {args.seed}; {elapsed:.0f} s).",
         "",
-        *machine_lines(),
+        *machine_lines(physical=False, libs=f"{model_libs()}; "),
         f"- Compute function: {model}; worker batch {WORKER_BATCH}; SQLite queue beside the store in "
         f"`{args.shm_dir}`; table: str keys (sentences), dim {DIM} float32, {n_present:,} keys present.",
         "",
@@ -387,12 +364,11 @@ def report(args: argparse.Namespace, model: str, hits: list[HitRow], misses: lis
         "| check | measured | target | result |",
         "|---|---|---|---|",
     ]
-    for h in hits:
-        lines.append(f"| (a) lookup p50 / table.get p50, all keys present, batch {h.batch} | {h.ratio50:.2f}x "
-                     f"| <= {HIT_RATIO_MAX}x | {verdict(h.ratio50 <= HIT_RATIO_MAX)} |")
-    for m in misses:
-        lines.append(f"| (b) p99 with 10% misses / all-hit p99, workers busy, batch {m.batch} | {m.ratio99:.2f}x "
-                     f"| <= {MISS_P99_RATIO_MAX}x | {verdict(m.ratio99 <= MISS_P99_RATIO_MAX)} |")
+    targets = [Target(f"(a) lookup p50 / table.get p50, all keys present, batch {h.batch}", h.ratio50,
+                      HIT_RATIO_MAX, fmt=fmt_2f("x"), limit_fmt=fmt_raw("x")) for h in hits]
+    targets += [Target(f"(b) p99 with 10% misses / all-hit p99, workers busy, batch {m.batch}", m.ratio99,
+                       MISS_P99_RATIO_MAX, fmt=fmt_2f("x"), limit_fmt=fmt_raw("x")) for m in misses]
+    lines += [t.row() for t in targets]
     for f in fills:
         lines.append(f"| (c) fill {f.keys:,} new keys, {f.workers} worker process(es) | {f.seconds:.1f} s, "
                      f"{f.rate:.0f} sentences/s | (reported) | - |")
@@ -471,47 +447,45 @@ def run(args: argparse.Namespace) -> int:
         used.update(ks)
     log(f"{len(used):,} distinct sentences; compute: {model}")
 
-    path = tempfile.mkdtemp(prefix="embkv-bench-cache-", dir=args.shm_dir)
-    old = signal.signal(signal.SIGTERM, raise_exit)
     store = cache = None
-    workers = Workers(path, compute)
-    try:
-        store = embkv.open(path)
-        store.create_table(TABLE, dim=DIM, dtype="float32", key_type="str")
-        cache = embkv.EmbeddingCache(store, TABLE, SQLiteQueue.beside(store, TABLE), oov="zeros",
-                                     model_version=MODEL_VERSION, ttl=7 * 86400)
-        vecs = rng.standard_normal((len(present), DIM)).astype(np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        # tagged as a worker tags them, so (a) measures the version and TTL check too
-        cache.table.put(present, vecs, tags=make_tag(MODEL_VERSION, time.time()))
-
-        hits = part_hits(cache, present, rng, args.quick)
-
-        # (b): one worker busy with a backlog; count its progress from the table's length
-        workers.start(1, busy_threads())
+    with scratch("embkv-bench-cache-", args.shm_dir) as (folder,):
+        path = str(folder)
+        workers = Workers(path, compute)
         try:
-            warm_workers(cache, 1, args.seed + 10, used, timeout=120.0)
-            cache.queue.enqueue(backlog)
-            time.sleep(0.5)
-            misses = part_misses(cache, present, fresh, rng, args.quick, hits, lambda: len(cache.table))
+            store = embkv.open(path)
+            store.create_table(TABLE, dim=DIM, dtype="float32", key_type="str")
+            cache = embkv.EmbeddingCache(store, TABLE, embkv.SQLiteQueue.beside(store, TABLE), oov="zeros",
+                                         model_version=MODEL_VERSION, ttl=7 * 86400)
+            vecs = rng.standard_normal((len(present), DIM)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            # tagged as a worker tags them, so (a) measures the version and TTL check too
+            cache.table.put(present, vecs, tags=embkv.make_tag(MODEL_VERSION, time.time()))
+
+            hits = part_hits(cache, present, rng, args.quick)
+
+            # (b): one worker busy with a backlog; count its progress from the table's length
+            workers.start(1, busy_threads())
+            try:
+                warm_workers(cache, 1, args.seed + 10, used, timeout=120.0)
+                cache.queue.enqueue(backlog)
+                time.sleep(0.5)
+                misses = part_misses(cache, present, fresh, rng, args.quick, hits, lambda: len(cache.table))
+            finally:
+                workers.stop_all()
+            cache.flush(120.0)  # misses of (b) still in the outbox must not land in (c)'s queue
+            drained = cache.queue.depth()
+            cache.queue.ack(cache.queue.claim(10**9, 3600.0))  # drop the leftover backlog: (c) starts empty
+            log(f"(b) done; {drained:,} keys left in the queue were dropped")
+
+            fills = [part_fill(cache, workers, n, fill_keys[i], args.seed + 20 + i, used, timeout=args.fill_timeout)
+                     for i, n in enumerate((1, 2))]
+            text = report(args, model, hits, misses, fills, time.perf_counter() - start)
         finally:
             workers.stop_all()
-        cache.flush(120.0)  # misses of (b) still in the outbox must not land in (c)'s queue
-        drained = cache.queue.depth()
-        cache.queue.ack(cache.queue.claim(10**9, 3600.0))  # drop the leftover backlog: (c) starts empty
-        log(f"(b) done; {drained:,} keys left in the queue were dropped")
-
-        fills = [part_fill(cache, workers, n, fill_keys[i], args.seed + 20 + i, used, timeout=args.fill_timeout)
-                 for i, n in enumerate((1, 2))]
-        text = report(args, model, hits, misses, fills, time.perf_counter() - start)
-    finally:
-        workers.stop_all()
-        if cache is not None:
-            cache.close()
-        if store is not None:
-            store.close()
-        shutil.rmtree(path, ignore_errors=True)
-        signal.signal(signal.SIGTERM, old)
+            if cache is not None:
+                cache.close()
+            if store is not None:
+                store.close()
     print(text)
     out = args.out if args.out is not None else ("-" if args.quick else str(DEFAULT_OUT))
     if out != "-":

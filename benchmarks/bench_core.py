@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import gc
 import os
-import platform
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,22 +26,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from numpy.typing import NDArray
 
 import embkv
 from _common import (
+    MB,
     REPO,
-    command_line,
-    cpu_model,
-    distinct_int_keys,
-    git_describe,
+    BoolArray,
+    FloatArray,
+    IntArray,
     make_log,
     make_miss_pool,
-    raise_exit,
-    report_head,
+    malloc_trim,
+    mapped_pss,
+    pct_us,
+    pss,
+    random_table,
+    removed_at_end,
+    str_key,
     zipf_cdf,
+    zipf_ranks,
 )
+from _report import Target, command_item, fmt_2f, machine_lines, report_head, thp
 
 log = make_log("bench_core")
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "core.md"
@@ -69,11 +71,6 @@ STR_RATIO_MAX = 1.5  # embkv str p50 / embkv int p50 (batch 256 and 1)
 MEMORY_RATIO_MAX = 1.15  # sum PSS(readers) - sum PSS(bare), over the table file's bytes
 LOAD_SECONDS_PER_MILLION = 2.0  # load_table of 1M x 64 float32 from numpy arrays
 
-MB = 1 << 20
-IntArray = NDArray[np.int64]
-FloatArray = NDArray[np.float32]
-BoolArray = NDArray[np.bool_]
-
 
 # ---------------------------------------------------------------------------- data
 
@@ -89,14 +86,7 @@ def seed_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator, n
 
 def make_data(n: int, dim: int, seed: int) -> tuple[IntArray, FloatArray]:
     """N distinct random int64 keys in [0, 2**62) (random order) and their float32 vectors."""
-    rng = seed_streams(seed)[0]
-    keys = distinct_int_keys(rng, n)
-    vectors = rng.standard_normal((n, dim), dtype=np.float32)
-    return keys, vectors
-
-
-def str_key(key: int) -> str:
-    return f"item:{key}"
+    return random_table(seed_streams(seed)[0], n, dim)
 
 
 @dataclasses.dataclass
@@ -118,9 +108,7 @@ def make_workload(rng: np.random.Generator, batch: int, calls: int, cdf: NDArray
                   rank_to_row: IntArray, keys: IntArray, str_keys: Sequence[str],
                   miss_pool: IntArray) -> Workload:
     total = batch * calls
-    n = len(keys)
-    ranks = np.minimum(np.searchsorted(cdf, rng.random(total), side="right"), n - 1)
-    true_rows = rank_to_row[ranks]
+    true_rows = rank_to_row[zipf_ranks(rng, cdf, total)]
     miss = rng.random(total) < MISS_RATE
     miss_keys = rng.choice(miss_pool, int(miss.sum()))
     int_keys = keys[true_rows]
@@ -169,11 +157,6 @@ class Latency:
     gather: IntArray  # ns per call
     get_int: IntArray
     get_str: IntArray
-
-
-def pct(lat: IntArray, q: float) -> float:
-    """Percentile in microseconds."""
-    return float(np.percentile(lat, q)) / 1000.0
 
 
 def measure_latency(w: Workload, matrix: FloatArray, t_int: embkv.Table, t_str: embkv.Table) -> Latency:
@@ -242,12 +225,6 @@ def check_batches(check: Check, w: Workload, truth: FloatArray, t_int: embkv.Tab
 # ---------------------------------------------------------------------------- memory
 
 
-def malloc_trim() -> None:
-    """Give freed heap back to the OS so PSS shows what is held, not what was once used."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def child_main(kind: str, path: str, n: int, dim: int, seed: int) -> None:
     """A worker process for the memory test: build its state, say ready, hold it until stdin closes."""
     held: list[Any] = []
@@ -287,11 +264,6 @@ class Memory:
         return self.total(kind) - self.total("bare")
 
 
-def table_mapped_by(pid: int, path: str) -> int:
-    """PSS of ``path``'s mapping in process ``pid`` (0 if not mapped)."""
-    return sum(m.pss for m in psutil.Process(pid).memory_maps(grouped=True) if m.path == path)
-
-
 def measure_memory(store_path: str, table_path: str, readers: int, n: int, dim: int, seed: int) -> Memory:
     """Start ``readers`` processes of each kind together (so shared libraries split evenly) and
     read their PSS once all are ready."""
@@ -309,13 +281,13 @@ def measure_memory(store_path: str, table_path: str, readers: int, n: int, dim: 
             line = p.stdout.readline().strip()
             if line != "ready":
                 raise RuntimeError(f"{kind} child {p.pid} failed (exit {p.poll()}, said {line!r})")
-        pss: dict[str, list[int]] = {k: [] for k in kinds}
+        held: dict[str, list[int]] = {k: [] for k in kinds}
         ekv: list[int] = []
         for kind, p in procs:
-            pss[kind].append(psutil.Process(p.pid).memory_full_info().pss)
+            held[kind].append(pss(p.pid))
             if kind == "reader":
-                ekv.append(table_mapped_by(p.pid, table_path))
-        parent_maps = table_mapped_by(os.getpid(), table_path) > 0
+                ekv.append(mapped_pss(p.pid, table_path))
+        parent_maps = mapped_pss(os.getpid(), table_path) > 0
         for _, p in procs:
             assert p.stdin is not None
             p.stdin.close()
@@ -327,26 +299,10 @@ def measure_memory(store_path: str, table_path: str, readers: int, n: int, dim: 
                 p.kill()
                 p.wait()
     st = os.stat(table_path)
-    return Memory(readers, st.st_size, st.st_blocks * 512, n * dim * 4, pss, ekv, parent_maps)
+    return Memory(readers, st.st_size, st.st_blocks * 512, n * dim * 4, held, ekv, parent_maps)
 
 
 # ---------------------------------------------------------------------------- report
-
-
-@dataclasses.dataclass
-class Target:
-    what: str
-    measured: float
-    limit: float
-    unit: str  # "x" or " s"
-
-    @property
-    def ok(self) -> bool:
-        return self.measured <= self.limit
-
-    def row(self) -> str:
-        res = "PASS" if self.ok else "**MISS**"
-        return f"| {self.what} | {self.measured:.2f}{self.unit} | <= {self.limit:.2f}{self.unit} | {res} |"
 
 
 @dataclasses.dataclass
@@ -365,23 +321,6 @@ def timed_loads(store: embkv.Store, name: str, keys: Any, vectors: FloatArray) -
         store.load_table(name, keys, vectors)
         times.append(time.perf_counter() - t0)
     return times
-
-
-def machine_lines() -> list[str]:
-    cpu = cpu_model()
-    thp = {}
-    for name, rel in (("anon", "enabled"), ("shmem", "shmem_enabled")):
-        with contextlib.suppress(OSError):
-            thp[name] = Path(f"/sys/kernel/mm/transparent_hugepage/{rel}").read_text().strip()
-    git = git_describe()
-    return [
-        f"- CPU: {cpu}; {os.cpu_count()} logical cores ({psutil.cpu_count(logical=False)} physical); "
-        f"RAM {psutil.virtual_memory().total / (1 << 30):.1f} GiB",
-        f"- OS: {platform.platform()}; transparent huge pages: anon `{thp.get('anon', '?')}`, "
-        f"shmem `{thp.get('shmem', '?')}`",
-        f"- Python {platform.python_version()}, numpy {np.__version__}, embkv {embkv.__version__} "
-        f"(kernel backend: `{embkv.KERNEL_BACKEND}`), git `{git}`",
-    ]
 
 
 def huge_pages() -> tuple[int, int]:
@@ -404,18 +343,20 @@ def report(args: argparse.Namespace, lats: list[Latency], mem: Memory | None, lo
         if b in by_batch:
             lat = by_batch[b]
             targets.append(Target(f"int get p50 / numpy gather p50, batch {b}",
-                                  pct(lat.get_int, 50) / pct(lat.gather, 50), GATHER_RATIO_MAX[b], "x"))
+                                  pct_us(lat.get_int, 50) / pct_us(lat.gather, 50), GATHER_RATIO_MAX[b],
+                                  fmt=fmt_2f("x")))
     for b in (256, 1):
         if b in by_batch:
             lat = by_batch[b]
             targets.append(Target(f"str get p50 / int get p50, batch {b}",
-                                  pct(lat.get_str, 50) / pct(lat.get_int, 50), STR_RATIO_MAX, "x"))
+                                  pct_us(lat.get_str, 50) / pct_us(lat.get_int, 50), STR_RATIO_MAX,
+                                  fmt=fmt_2f("x")))
     if mem is not None:
         targets.append(Target(f"memory of {mem.readers} readers beyond {mem.readers} bare / table file bytes",
-                              mem.beyond_bare("reader") / mem.file_bytes, MEMORY_RATIO_MAX, "x"))
+                              mem.beyond_bare("reader") / mem.file_bytes, MEMORY_RATIO_MAX, fmt=fmt_2f("x")))
     load_limit = LOAD_SECONDS_PER_MILLION * args.n / 1e6
     targets.append(Target(f"load_table {args.n:,} x {args.dim} float32, int keys: slowest of {LOAD_RUNS} runs",
-                          max(loads.int_s), load_limit, " s"))
+                          max(loads.int_s), load_limit, fmt=fmt_2f(" s")))
 
     raw = args.n * args.dim * 4
     out: list[str] = []
@@ -423,8 +364,9 @@ def report(args: argparse.Namespace, lats: list[Latency], mem: Memory | None, lo
     out.extend(report_head("embkv core benchmark", "bench_core.py", args.quick, wall_s))
     add("## Setup")
     add("")
-    add(f"- Command (from the repository root): `{command_line()}`")
-    out.extend(machine_lines())
+    add(command_item())
+    out.extend(machine_lines(os_extra=f"; transparent huge pages: anon `{thp('enabled')}`, "
+                                      f"shmem `{thp('shmem_enabled')}`"))
     add(f"- Table: N = {args.n:,} distinct random int64 keys drawn from [0, 2^62), dim {args.dim} float32: "
         f"raw vectors {raw / MB:.1f} MiB; `.ekv` file {file_bytes / MB:.1f} MiB "
         f"({file_bytes / raw:.2f}x raw); the str-keyed twin (`\"item:{{key}}\"`) {str_file_bytes / MB:.1f} MiB. "
@@ -457,9 +399,9 @@ def report(args: argparse.Namespace, lats: list[Latency], mem: Memory | None, lo
         "| embkv str p50 | p99 | str/int p50 | str/gather p50 | int ns/key p50 |")
     add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for lat in lats:
-        g50, g99 = pct(lat.gather, 50), pct(lat.gather, 99)
-        i50, i99 = pct(lat.get_int, 50), pct(lat.get_int, 99)
-        s50, s99 = pct(lat.get_str, 50), pct(lat.get_str, 99)
+        g50, g99 = pct_us(lat.gather, 50), pct_us(lat.gather, 99)
+        i50, i99 = pct_us(lat.get_int, 50), pct_us(lat.get_int, 99)
+        s50, s99 = pct_us(lat.get_str, 50), pct_us(lat.get_str, 99)
         add(f"| {lat.batch} | {lat.calls:,} | {g50:.2f} | {g99:.2f} | {i50:.2f} | {i99:.2f} | {i50 / g50:.2f}x "
             f"| {i99 / g99:.2f}x | {s50:.2f} | {s99:.2f} | {s50 / i50:.2f}x | {s50 / g50:.2f}x "
             f"| {1000 * i50 / lat.batch:.0f} |")
@@ -525,12 +467,8 @@ def report(args: argparse.Namespace, lats: list[Latency], mem: Memory | None, lo
 def scratch_store(path: str) -> Iterator[str]:
     """A fresh folder for the store, removed at the end whatever happens (SIGTERM included)."""
     os.makedirs(path, exist_ok=False)  # never take over (and later delete) someone else's folder
-    old = signal.signal(signal.SIGTERM, raise_exit)
-    try:
+    with removed_at_end([path]):
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-        signal.signal(signal.SIGTERM, old)
 
 
 def run(args: argparse.Namespace) -> int:

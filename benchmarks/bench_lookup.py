@@ -20,45 +20,76 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import importlib
-import importlib.metadata
 import multiprocessing as mp
 import os
 import platform
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
-from numpy.typing import NDArray
 
 import embkv
 from _common import (
+    MB,
     REPO,
-    command_line,
-    cpu_model,
-    distinct_int_keys,
-    git_describe,
+    BenchError,
+    BoolArray,
+    FloatArray,
+    IntArray,
     make_log,
     make_miss_pool,
-    raise_exit,
-    report_head,
+    malloc_trim,
+    pct_us,
+    pss,
+    random_table,
+    scratch,
+    str_key,
     zipf_cdf,
+    zipf_ranks,
 )
+from _peers import (
+    LmdbPeer,
+    LookupFn,
+    MemcachedPeer,
+    Peer,
+    RedisPeer,
+    RowDict,
+    decimal_names,
+    load_lmdb,
+    load_memcached,
+    load_redis,
+    twin_names,
+)
+from _report import (
+    Target,
+    command_item,
+    cores,
+    cpu_model,
+    dist_version,
+    first_line,
+    fmt_rate,
+    fmt_us,
+    fmt_x,
+    git_describe,
+    plots_section,
+    pyplot,
+    ram_gib,
+    report_head,
+    save_figure,
+    stack,
+)
+from _servers import Server, memcached_cmd, start_memcached, start_redis
 
 log = make_log("bench_lookup")
 DEFAULT_OUT_DIR = REPO / "docs" / "benchmarks"
@@ -72,13 +103,9 @@ CHECK_CALLS = 4  # batches per client and cell whose answers are checked against
 MIN_CALLS = 30  # a cell runs at least this many calls per client, whatever its time budget
 WARM_S = 0.05  # untimed calls per client before each cell
 BUILD_CHUNK = 10_000  # keys per MSET / set_many call when loading the servers
+REDIS_FLUSH_EVERY = 8  # MSET commands per pipeline round trip when loading Redis
+MEMCACHED_OPTIONS = ("-m", "4096", "-I", "2m", "-U", "0")
 REPLY_TIMEOUT_S = 900.0
-MB = 1 << 20
-
-FloatArray = NDArray[np.float32]
-IntArray = NDArray[np.int64]
-BoolArray = NDArray[np.bool_]
-LookupFn = Callable[[Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,23 +134,12 @@ SYSTEM_BY_NAME = {s.name: s for s in SYSTEMS}
 PEERS = ("memcached", "redis-tcp", "redis-unix", "lmdb", "dict")
 
 
-class BenchError(RuntimeError):
-    """A system gave a wrong answer, a server or a client failed: the run is void."""
-
-
 # ---------------------------------------------------------------------------- data
 
 
 def make_data(n: int, dim: int, seed: int) -> tuple[IntArray, FloatArray]:
     """N distinct random int64 keys in [0, 2**62) (random order) and their float32 vectors."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, dim, 0]))
-    keys = distinct_int_keys(rng, n)
-    vectors = rng.standard_normal((n, dim), dtype=np.float32)
-    return keys, vectors
-
-
-def str_key(key: int) -> str:
-    return f"item:{key}"
+    return random_table(np.random.default_rng(np.random.SeedSequence([seed, dim, 0])), n, dim)
 
 
 def save_dataset(folder: Path, keys: IntArray, vectors: FloatArray, seed: int, dim: int) -> None:
@@ -154,14 +170,12 @@ def make_pools(data_dir: Path, seed: int, dim: int, client: int, batches: Sequen
     keys = np.load(data_dir / "keys.npy", mmap_mode="r")
     rank_to_row = np.load(data_dir / "rank_to_row.npy", mmap_mode="r")
     miss_pool = np.load(data_dir / "miss_pool.npy", mmap_mode="r")
-    n = len(keys)
-    cdf = zipf_cdf(n, ZIPF_EXPONENT)
+    cdf = zipf_cdf(len(keys), ZIPF_EXPONENT)
     pools = {}
     for b in batches:
         rng = np.random.default_rng(np.random.SeedSequence([seed, dim, 2, client, b]))
         calls = min(32_768, max(64, pool_keys // b))
-        ranks = np.minimum(np.searchsorted(cdf, rng.random(calls * b), side="right"), n - 1)
-        rows = np.asarray(rank_to_row[ranks], dtype=np.int64)
+        rows = np.asarray(rank_to_row[zipf_ranks(rng, cdf, calls * b)], dtype=np.int64)
         miss = rng.random(calls * b) < MISS_RATE
         ikeys = np.asarray(keys[rows], dtype=np.int64)
         ikeys[miss] = rng.choice(np.asarray(miss_pool), int(miss.sum()))
@@ -187,50 +201,10 @@ class ClientSpec:
     pool_keys: int
 
 
-def decode(vals: list[Any], dim: int, zero: bytes) -> tuple[FloatArray, BoolArray]:
-    """Values (bytes, buffers or None) -> ([B, dim] float32, found): the fastest decode we found."""
-    n = len(vals)
-    if None in vals:
-        found = np.array([v is not None for v in vals], dtype=np.bool_)
-        buf = b"".join([zero if v is None else v for v in vals])
-    else:
-        found = np.ones(n, dtype=np.bool_)
-        buf = b"".join(vals)
-    return np.frombuffer(buf, dtype=np.float32).reshape(n, dim), found
-
-
-def int_to_str(keys: IntArray) -> list[str]:
-    return [str(k) for k in keys.tolist()]
-
-
-class Client:
-    """One system as seen from a worker process: ``fn(keys)`` answers one batch.
-
-    ``fn`` takes the batch the way a user holds it (an int64 array, or a list of str; numpy
-    takes precomputed rows) and returns ``(vectors [B, dim], found [B])``, numpy the gather.
-    """
-
-    has_found = True
-
-    def __init__(self, spec: ClientSpec) -> None:
-        self.spec = spec
-        self.fn: LookupFn = lambda keys: None
-        self._closers: list[Callable[[], Any]] = []
-
-    def warm(self) -> None:
-        """Read every row once where the answer depends on it (mmap: page cache and PSS)."""
-
-    def close(self) -> None:
-        for c in reversed(self._closers):
-            with contextlib.suppress(Exception):
-                c()
-        self.fn = lambda keys: None
-
-
-class EmbkvClient(Client):
-    def __init__(self, spec: ClientSpec) -> None:
-        super().__init__(spec)
-        store = embkv.open(spec.location, readonly=True)
+class EmbkvClient(Peer):
+    def __init__(self, location: str) -> None:
+        super().__init__()
+        store = embkv.open(location, readonly=True)
         self.table = store[TABLE]
         self.fn = self.table.get
         self._closers.append(store.close)
@@ -241,129 +215,35 @@ class EmbkvClient(Client):
             self.table.get(keys[lo : lo + 65_536])
 
 
-class NumpyClient(Client):
+class NumpyClient(Peer):
     has_found = False
 
-    def __init__(self, spec: ClientSpec) -> None:
-        super().__init__(spec)
-        self.matrix = np.load(Path(spec.data_dir) / "vectors.npy")
+    def __init__(self, data_dir: str) -> None:
+        super().__init__()
+        self.matrix = np.load(Path(data_dir) / "vectors.npy")
         self.fn = self.matrix.__getitem__
 
 
-class DictClient(Client):
-    def __init__(self, spec: ClientSpec) -> None:
-        super().__init__(spec)
-        keys = np.load(Path(spec.data_dir) / "keys.npy")
-        vectors = np.load(Path(spec.data_dir) / "vectors.npy", mmap_mode="r")
-        names: list[Any] = keys.tolist() if spec.kind == "int" else [str_key(k) for k in keys.tolist()]
-        self.d: dict[Any, FloatArray] = {k: np.array(row) for k, row in zip(names, vectors, strict=True)}
-        del keys, vectors, names
-        zero = np.zeros(spec.dim, dtype=np.float32)
-        get = self.d.get
-        dim = spec.dim
-
-        def fn_int(keys: IntArray) -> tuple[FloatArray, BoolArray]:
-            vals = [get(k, zero) for k in keys.tolist()]
-            found = np.array([v is not zero for v in vals], dtype=np.bool_)
-            return np.frombuffer(b"".join(vals), dtype=np.float32).reshape(len(vals), dim), found
-
-        def fn_str(keys: list[str]) -> tuple[FloatArray, BoolArray]:
-            vals = [get(k, zero) for k in keys]
-            found = np.array([v is not zero for v in vals], dtype=np.bool_)
-            return np.frombuffer(b"".join(vals), dtype=np.float32).reshape(len(vals), dim), found
-
-        self.fn = fn_int if spec.kind == "int" else fn_str
-
-
-class MemcachedClient(Client):
-    def __init__(self, spec: ClientSpec) -> None:
-        super().__init__(spec)
-        from pymemcache.client.base import Client as MC
-
-        host, port = spec.location.rsplit(":", 1)
-        client = MC((host, int(port)), no_delay=True, connect_timeout=10, timeout=60)
-        client.get("connect")  # connecting is lazy: open time includes the first round trip
-        self._closers.append(client.close)
-        get_many = client.get_many
-        dim, zero, as_str = spec.dim, bytes(4 * spec.dim), spec.kind == "int"
-
-        def fn(keys: Any) -> tuple[FloatArray, BoolArray]:
-            names = int_to_str(keys) if as_str else keys
-            res = get_many(names)
-            return decode([res.get(k) for k in names], dim, zero)
-
-        self.fn = fn
-
-
-class RedisClient(Client):
-    def __init__(self, spec: ClientSpec) -> None:
-        super().__init__(spec)
-        import redis
-
-        if spec.system == "redis-unix":
-            r = redis.Redis(unix_socket_path=spec.location)
-        else:
-            host, port = spec.location.rsplit(":", 1)
-            r = redis.Redis(host=host, port=int(port))
-        r.ping()
-        self._closers.append(r.close)
-        mget = r.mget
-        dim, zero, as_str = spec.dim, bytes(4 * spec.dim), spec.kind == "int"
-
-        def fn(keys: Any) -> tuple[FloatArray, BoolArray]:
-            return decode(mget(int_to_str(keys) if as_str else keys), dim, zero)
-
-        self.fn = fn
-
-
-class LmdbClient(Client):
-    def __init__(self, spec: ClientSpec) -> None:
-        super().__init__(spec)
-        import lmdb
-
-        env = lmdb.open(spec.location, readonly=True, lock=True, max_readers=256)
-        with env.begin() as txn:
-            txn.stat(env.open_db())  # touch the environment: open time covers a first transaction
-        self.env = env
-        self._closers.append(env.close)
-        begin = env.begin
-        dim, zero = spec.dim, bytes(4 * spec.dim)
-
-        def fn_int(keys: IntArray) -> tuple[FloatArray, BoolArray]:
-            raw = keys.astype(">i8").tobytes()
-            names = [raw[i : i + 8] for i in range(0, len(raw), 8)]
-            with begin(buffers=True) as txn:
-                get = txn.get
-                return decode([get(k) for k in names], dim, zero)
-
-        def fn_str(keys: list[str]) -> tuple[FloatArray, BoolArray]:
-            names = [k.encode() for k in keys]
-            with begin(buffers=True) as txn:
-                get = txn.get
-                return decode([get(k) for k in names], dim, zero)
-
-        self.fn = fn_int if spec.kind == "int" else fn_str
-
-    def warm(self) -> None:
-        with self.env.begin(buffers=True) as txn:
-            for _ in txn.cursor().iternext(keys=False, values=True):
-                pass
+def open_client(spec: ClientSpec) -> Peer:
+    """The client of ``spec.system``, connected: what a worker does at startup (timed as the open)."""
+    system, names = spec.system, decimal_names if spec.kind == "int" else None
+    if system in ("embkv-mem", "embkv-disk"):
+        return EmbkvClient(spec.location)
+    if system == "memcached":
+        return MemcachedPeer(spec.location, spec.dim, names)
+    if system in ("redis-tcp", "redis-unix"):
+        return RedisPeer(spec.location, spec.dim, names)
+    if system == "lmdb":
+        return LmdbPeer(spec.location, spec.dim, spec.kind)
+    if system == "dict":
+        return RowDict(Path(spec.data_dir), spec.dim, spec.kind)
+    if system == "numpy":
+        return NumpyClient(spec.data_dir)
+    raise BenchError(f"unknown system {system!r}")
 
 
 # client libraries, imported before the open is timed (embkv and numpy are imported at the top)
 PRELOAD = {"memcached": "pymemcache.client.base", "redis-tcp": "redis", "redis-unix": "redis", "lmdb": "lmdb"}
-
-CLIENTS: dict[str, type[Client]] = {
-    "embkv-mem": EmbkvClient, "embkv-disk": EmbkvClient, "memcached": MemcachedClient,
-    "redis-tcp": RedisClient, "redis-unix": RedisClient, "lmdb": LmdbClient, "dict": DictClient,
-    "numpy": NumpyClient,
-}
-
-
-def malloc_trim() -> None:
-    """Give freed heap back to the OS so PSS shows what is held, not what was once used."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def cell_items(spec: ClientSpec, pool: Pool) -> list[Any]:
@@ -375,7 +255,7 @@ def cell_items(spec: ClientSpec, pool: Pool) -> list[Any]:
     return [[str_key(k) for k in row] for row in pool.keys.tolist()]
 
 
-def check_cell(client: Client, spec: ClientSpec, items: list[Any], pool: Pool, index: int) -> int:
+def check_cell(client: Peer, spec: ClientSpec, items: list[Any], pool: Pool, index: int) -> int:
     """Compare the first batches' answers with the truth matrix; raise BenchError on any difference."""
     truth = np.load(Path(spec.data_dir) / "vectors.npy", mmap_mode="r")
     checked = 0
@@ -435,7 +315,7 @@ def timed_calls(fn: LookupFn, items: list[Any], start_ns: int, budget_ns: int) -
 def client_main(conn: Connection, spec: ClientSpec, index: int) -> None:
     """A worker process: answers the parent's commands over ``conn`` until told to close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    client: Client | None = None
+    client: Peer | None = None
     items: list[Any] = []
     try:
         if spec.system in PRELOAD:
@@ -449,7 +329,7 @@ def client_main(conn: Connection, spec: ClientSpec, index: int) -> None:
             op = msg[0]
             if op == "open":
                 t0 = time.perf_counter()
-                client = CLIENTS[spec.system](spec)
+                client = open_client(spec)
                 open_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 client.warm()
@@ -548,10 +428,6 @@ class ClientPool:
             conn.close()
 
 
-def pss(pid: int) -> int:
-    return int(psutil.Process(pid).memory_full_info().pss)
-
-
 @dataclasses.dataclass
 class Cell:
     system: str
@@ -564,11 +440,11 @@ class Cell:
 
     @property
     def p50_us(self) -> float:
-        return float(np.percentile(self.lat_ns, 50)) / 1000.0
+        return pct_us(self.lat_ns, 50)
 
     @property
     def p99_us(self) -> float:
-        return float(np.percentile(self.lat_ns, 99)) / 1000.0
+        return pct_us(self.lat_ns, 99)
 
 
 @dataclasses.dataclass
@@ -632,163 +508,10 @@ def run_group(spec: ClientSpec, clients: Sequence[int], budget_s: float, server_
 # ---------------------------------------------------------------------------- servers and builds
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclasses.dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    unix_socket: str | None = None
-
-    @property
-    def pid(self) -> int:
-        return int(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _wait_ready(server: Server, probe: Callable[[], object], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if server.proc.poll() is not None:
-            raise BenchError(f"{server.name} exited with code {server.proc.returncode} at start")
-        try:
-            probe()
-            return
-        except Exception as exc:
-            if time.monotonic() > deadline:
-                raise BenchError(f"{server.name} did not answer in {timeout_s:.0f} s: {exc}") from None
-            time.sleep(0.05)
-
-
-def start_redis(folder: Path) -> Server:
-    import redis
-
-    port = free_port()
-    sock = str(folder / "redis.sock")
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--unixsocket", sock,
-           "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--daemonize", "no",
-           "--dir", str(folder), "--logfile", str(folder / "redis.log")]
-    server = Server("redis-server", subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                     stdin=subprocess.DEVNULL), port, sock)
-    _wait_ready(server, lambda: redis.Redis(unix_socket_path=sock).ping())
-    return server
-
-
-def memcached_cmd(port: int) -> list[str]:
-    cmd = ["memcached", "-p", str(port), "-l", "127.0.0.1", "-m", "4096", "-I", "2m", "-U", "0"]
-    if os.geteuid() == 0:
-        cmd += ["-u", "root"]  # memcached refuses to run as root unless told which user to be
-    return cmd
-
-
-def start_memcached() -> Server:
-    from pymemcache.client.base import Client as MC
-
-    port = free_port()
-    server = Server("memcached", subprocess.Popen(memcached_cmd(port), stdout=subprocess.DEVNULL,
-                                                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL), port)
-    _wait_ready(server, lambda: MC(("127.0.0.1", port), connect_timeout=1).version())
-    return server
-
-
-def server_names(keys: IntArray, kind: str) -> list[str]:
-    return int_to_str(keys) if kind == "int" else [str_key(k) for k in keys.tolist()]
-
-
-def row_bytes(vectors: FloatArray, lo: int, hi: int) -> list[bytes]:
-    raw, rb = vectors[lo:hi].tobytes(), vectors.shape[1] * 4
-    return [raw[i : i + rb] for i in range(0, len(raw), rb)]
-
-
-def build_redis(server: Server, keys: IntArray, vectors: FloatArray, kind: str) -> float:
-    """Pipelined MSET in chunks of BUILD_CHUNK keys, over the unix socket; returns seconds."""
-    import redis
-
-    r = redis.Redis(unix_socket_path=server.unix_socket)
-    n = len(keys)
-    t0 = time.perf_counter()
-    names = server_names(keys, kind)
-    pipe = r.pipeline(transaction=False)
-    for j, lo in enumerate(range(0, n, BUILD_CHUNK)):
-        hi = min(n, lo + BUILD_CHUNK)
-        pipe.mset(dict(zip(names[lo:hi], row_bytes(vectors, lo, hi), strict=True)))
-        if j % 8 == 7:
-            pipe.execute()
-    pipe.execute()
-    secs = time.perf_counter() - t0
-    if r.dbsize() != n:
-        raise BenchError(f"redis holds {r.dbsize()} keys after loading {n}")
-    r.close()
-    return secs
-
-
-def build_memcached(server: Server, keys: IntArray, vectors: FloatArray, kind: str) -> float:
-    """``set_many`` in chunks of BUILD_CHUNK keys, waiting for the replies; returns seconds."""
-    from pymemcache.client.base import Client as MC
-
-    c = MC(("127.0.0.1", server.port), no_delay=True, timeout=120)
-    n = len(keys)
-    t0 = time.perf_counter()
-    names = server_names(keys, kind)
-    for lo in range(0, n, BUILD_CHUNK):
-        hi = min(n, lo + BUILD_CHUNK)
-        failed = c.set_many(dict(zip(names[lo:hi], row_bytes(vectors, lo, hi), strict=True)), noreply=False)
-        if failed:
-            raise BenchError(f"memcached refused {len(failed)} keys, e.g. {failed[:3]}")
-    secs = time.perf_counter() - t0
-    items = int(c.stats()[b"curr_items"])
-    if items != n:
-        raise BenchError(f"memcached holds {items} items after loading {n} (evictions?)")
-    c.close()
-    return secs
-
-
-def build_lmdb(path: Path, keys: IntArray, vectors: FloatArray, kind: str) -> float:
-    """Sort the keys, ``putmulti(append=True)`` in one write transaction, sync; returns seconds."""
-    import lmdb
-
-    n, rb = len(keys), vectors.shape[1] * 4
-    t0 = time.perf_counter()
-    if kind == "int":  # keys are >= 0, so big-endian bytes sort like the numbers
-        order = np.argsort(keys, kind="stable")
-        raw = keys[order].astype(">i8").tobytes()
-        names = [raw[i : i + 8] for i in range(0, len(raw), 8)]
-    else:
-        encoded = [str_key(k).encode() for k in keys.tolist()]
-        order = np.argsort(np.array(encoded), kind="stable")
-        names = [encoded[i] for i in order.tolist()]
-    env = lmdb.open(str(path), map_size=2 * n * (rb + 96) + 64 * MB, subdir=True, writemap=True,
-                    max_readers=256)
-    try:
-        with env.begin(write=True) as txn:
-            sorted_vectors = vectors[order]
-            added = txn.cursor().putmulti(zip(names, row_bytes(sorted_vectors, 0, n), strict=True), append=True)
-        env.sync(True)
-        secs = time.perf_counter() - t0
-        if added != (n, n):
-            raise BenchError(f"lmdb putmulti added {added} of {n}")
-    finally:
-        env.close()
-    return secs
-
-
 def build_embkv(path: Path, keys: IntArray, vectors: FloatArray, kind: str) -> float:
     """``store.load_table`` (int64 array or list of str keys); returns seconds."""
     store = embkv.open(path)
-    names: Any = keys if kind == "int" else [str_key(k) for k in keys.tolist()]
+    names: Any = keys if kind == "int" else twin_names(keys)
     t0 = time.perf_counter()
     store.load_table(TABLE, names, vectors)
     secs = time.perf_counter() - t0
@@ -822,20 +545,6 @@ class Results:
         return next((g for g in self.groups if g.system == system and g.kind == want and g.dim == dim), None)
 
 
-@contextlib.contextmanager
-def scratch() -> Iterator[tuple[Path, Path]]:
-    """A temp folder on disk and one in /dev/shm, removed at the end whatever happens (SIGTERM too)."""
-    disk = Path(tempfile.mkdtemp(prefix="embkv-bench-lookup-"))
-    shm = Path(tempfile.mkdtemp(prefix="embkv-bench-lookup-", dir="/dev/shm"))
-    old = signal.signal(signal.SIGTERM, raise_exit)
-    try:
-        yield disk, shm
-    finally:
-        shutil.rmtree(disk, ignore_errors=True)
-        shutil.rmtree(shm, ignore_errors=True)
-        signal.signal(signal.SIGTERM, old)
-
-
 def run(args: argparse.Namespace) -> Results:
     start = time.perf_counter()
     load_before = os.getloadavg()
@@ -843,7 +552,8 @@ def run(args: argparse.Namespace) -> Results:
     file_bytes: dict[tuple[int, str], int] = {}
     systems = [s for s in SYSTEMS if s.name in args.systems]
     budget = args.budget
-    with scratch() as (disk, shm):
+    # a temp folder on disk and one in /dev/shm, removed at the end whatever happens (SIGTERM too)
+    with scratch("embkv-bench-lookup-", None, "/dev/shm") as (disk, shm):
         for dim in args.dims:
             n = args.n if dim <= 64 else args.n_wide
             log(f"dim {dim}: generating {n:,} keys and vectors (seed {args.seed})")
@@ -875,21 +585,23 @@ def run(args: argparse.Namespace) -> Results:
                         file_bytes.setdefault((dim, kind), (path / f"{TABLE}.ekv").stat().st_size)
                     if "lmdb" in args.systems:
                         path = disk / f"lmdb-d{dim}-{kind}"
-                        builds["lmdb"] = build_lmdb(path, keys, vectors, kind)
+                        builds["lmdb"] = load_lmdb(path, keys, vectors, kind)
                         locations["lmdb"] = str(path)
+                    names = decimal_names if kind == "int" else twin_names  # what the servers hold
                     if "memcached" in args.systems:
-                        mc = start_memcached()
+                        mc = start_memcached(disk, MEMCACHED_OPTIONS)
                         servers.append(mc)
-                        builds["memcached"] = build_memcached(mc, keys, vectors, kind)
-                        locations["memcached"] = f"127.0.0.1:{mc.port}"
+                        builds["memcached"] = load_memcached(mc.address, keys, vectors, names, BUILD_CHUNK)
+                        locations["memcached"] = mc.address
                         server_of["memcached"] = [mc.pid]
                     if {"redis-tcp", "redis-unix"} & set(args.systems):
                         folder = disk / f"redis-d{dim}-{kind}"
                         folder.mkdir()
-                        rs = start_redis(folder)
+                        rs = start_redis(folder, unix_socket=True)
                         servers.append(rs)
-                        builds["redis-tcp"] = builds["redis-unix"] = build_redis(rs, keys, vectors, kind)
-                        locations["redis-tcp"] = f"127.0.0.1:{rs.port}"
+                        builds["redis-tcp"] = builds["redis-unix"] = load_redis(
+                            str(rs.unix_socket), keys, vectors, names, BUILD_CHUNK, REDIS_FLUSH_EVERY)
+                        locations["redis-tcp"] = rs.address
                         locations["redis-unix"] = str(rs.unix_socket)
                         server_of["redis-tcp"] = server_of["redis-unix"] = [rs.pid]
                     log(f"dim {dim} {kind} keys: built " + ", ".join(f"{k} {v:.1f} s" for k, v in builds.items()))
@@ -916,73 +628,18 @@ def run(args: argparse.Namespace) -> Results:
 # ---------------------------------------------------------------------------- report
 
 
-def _first_line(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "not found"
-    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "?"
-
-
-def _dist(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine_lines() -> list[str]:
-    cpu = cpu_model()
+def machine_and_versions() -> list[str]:
     import lmdb
 
-    redis_v = _first_line(["redis-server", "--version"])
+    redis_v = first_line(["redis-server", "--version"], missing="not found")
     redis_v = next((p[2:] for p in redis_v.split() if p.startswith("v=")), redis_v)
-    git = git_describe()
     return [
-        f"- Machine: {cpu}; {os.cpu_count()} logical cores ({psutil.cpu_count(logical=False)} physical); "
-        f"RAM {psutil.virtual_memory().total / (1 << 30):.1f} GiB; {platform.platform()}",
-        f"- Versions: Python {platform.python_version()}, numpy {np.__version__}, embkv {embkv.__version__} "
-        f"(kernel `{embkv.KERNEL_BACKEND}`, git `{git}`), redis-server {redis_v}, "
-        f"{_first_line(['memcached', '-V'])}, redis-py {_dist('redis')} (hiredis {_dist('hiredis')}), "
-        f"pymemcache {_dist('pymemcache')}, py-lmdb {_dist('lmdb')} (LMDB {'.'.join(map(str, lmdb.version()))})",
+        f"- Machine: {cpu_model()}; {cores()}; RAM {ram_gib()}; {platform.platform()}",
+        f"- Versions: {stack()} (kernel `{embkv.KERNEL_BACKEND}`, git `{git_describe()}`), redis-server {redis_v}, "
+        f"{first_line(['memcached', '-V'], missing='not found')}, redis-py {dist_version('redis')} "
+        f"(hiredis {dist_version('hiredis')}), pymemcache {dist_version('pymemcache')}, py-lmdb "
+        f"{dist_version('lmdb')} (LMDB {'.'.join(map(str, lmdb.version()))})",
     ]
-
-
-def fmt_rate(v: float) -> str:
-    if v >= 1e6:
-        return f"{v / 1e6:.1f}M"
-    if v >= 1e3:
-        return f"{v / 1e3:.0f}k"
-    return f"{v:.0f}"
-
-
-def fmt_us(v: float) -> str:
-    return f"{v:.1f}" if v < 100 else f"{v:,.0f}"
-
-
-def fmt_x(v: float) -> str:
-    return f"{v:.2f}x" if v < 10 else f"{v:.0f}x"
-
-
-@dataclasses.dataclass
-class Target:
-    what: str
-    measured: float | None  # None: not measured in this run
-    limit: float
-    at_least: bool  # True: measured >= limit passes; False: measured <= limit passes
-    note: str = ""
-
-    @property
-    def ok(self) -> bool | None:
-        if self.measured is None:
-            return None
-        return self.measured >= self.limit if self.at_least else self.measured <= self.limit
-
-    def row(self) -> str:
-        res = {True: "PASS", False: "**MISS**", None: "n/a"}[self.ok]
-        got = "not measured" if self.measured is None else fmt_x(self.measured) + self.note
-        sign = ">=" if self.at_least else "<="
-        return f"| {self.what} | {got} | {sign} {fmt_x(self.limit)} | {res} |"
 
 
 def p50_ratio(res: Results, num: str, den: str, kind: str, dim: int, batch: int) -> float | None:
@@ -1060,8 +717,8 @@ def report(args: argparse.Namespace, res: Results, plots: list[str]) -> str:
     add("")
     add("## Setup")
     add("")
-    add(f"- Command (from the repository root): `{command_line()}`")
-    out.extend(machine_lines())
+    add(command_item())
+    out.extend(machine_and_versions())
     add(f"- Load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in res.load_before)}; at end "
         f"{', '.join(f'{x:.2f}' for x in res.load_after)}. All clients and servers share the "
         f"{os.cpu_count()} cores: with 4 clients plus a server process the CPUs are oversubscribed, so the "
@@ -1088,8 +745,8 @@ def report(args: argparse.Namespace, res: Results, plots: list[str]) -> str:
         "off. p50/p99: per-call latency pooled over the clients. vectors/s: all vectors returned by all "
         "clients over the wall time from the first start to the last finish.")
     add("- Servers: started by the benchmark on 127.0.0.1, a fresh one per (dim, key kind): "
-        f"`redis-server --port P --unixsocket S --save '' --appendonly no`; `{shlex.join(memcached_cmd(0))}` "
-        "(P = a free port).")
+        f"`redis-server --port P --unixsocket S --save '' --appendonly no`; "
+        f"`{shlex.join(memcached_cmd(0, MEMCACHED_OPTIONS))}` (P = a free port).")
     add("- Build: loading the N vectors from numpy arrays into the system (keys converted inside the timing). "
         f"embkv: `store.load_table`; Redis: pipelined `MSET` of {BUILD_CHUNK:,} keys per command over the unix "
         f"socket; Memcached: `set_many` of {BUILD_CHUNK:,} keys, waiting for the replies; LMDB: sort, "
@@ -1188,11 +845,7 @@ def report(args: argparse.Namespace, res: Results, plots: list[str]) -> str:
                 vals.append("-" if g is None else f"{g.keys_checked:,} keys")
         add(f"| {s.label} | " + " | ".join(vals) + " |")
     add("")
-    if plots:
-        add("## Plots")
-        add("")
-        out.extend(f"![{p}]({p})" for p in plots)
-        add("")
+    out.extend(plots_section(plots))
     return "\n".join(out)
 
 
@@ -1200,11 +853,7 @@ def report(args: argparse.Namespace, res: Results, plots: list[str]) -> str:
 
 
 def write_plots(args: argparse.Namespace, res: Results, out_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     systems = [s for s in SYSTEMS if s.name in args.systems]
     panels = [(d, k) for d in res.dims for k in KINDS]
     ncols = len(KINDS)
@@ -1217,11 +866,12 @@ def write_plots(args: argparse.Namespace, res: Results, out_dir: Path) -> list[s
         fig.suptitle(title)
         return fig, [ax for row in axes for ax in row]
 
-    def finish(fig: Any, axes: list[Any]) -> None:
-        """One legend for all panels, below them."""
+    def finish(fig: Any, axes: list[Any], name: str) -> None:
+        """One legend for all panels, below them; save as ``name``."""
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False)
-        fig.tight_layout(rect=(0, 0.8 / (4.5 * nrows + 0.8), 1, 1))
+        save_figure(fig, out_dir / name, rect=(0, 0.8 / (4.5 * nrows + 0.8), 1, 1))
+        names.append(name)
 
     fig, axes = panel_grid("p50 latency per batch vs batch size (1 client)")
     for ax, (dim, kind) in zip(axes, panels, strict=True):
@@ -1232,10 +882,7 @@ def write_plots(args: argparse.Namespace, res: Results, out_dir: Path) -> list[s
         ax.set(xscale="log", yscale="log", xlabel="keys per batch", ylabel="p50 µs per batch",
                title=f"dim {dim}, {kind} keys, N = {res.dims[dim]:,}")
         ax.grid(True, which="both", alpha=0.3)
-    finish(fig, axes)
-    names.append("lookup_latency.png")
-    fig.savefig(out_dir / names[-1], dpi=110)
-    plt.close(fig)
+    finish(fig, axes, "lookup_latency.png")
 
     tb = 256 if 256 in args.batches else args.batches[-1]
     fig, axes = panel_grid(f"throughput vs client processes (batch {tb})")
@@ -1248,10 +895,7 @@ def write_plots(args: argparse.Namespace, res: Results, out_dir: Path) -> list[s
         ax.set(yscale="log", xlabel="client processes", ylabel="vectors/s (all clients)",
                title=f"dim {dim}, {kind} keys", xticks=list(args.clients))
         ax.grid(True, which="both", alpha=0.3)
-    finish(fig, axes)
-    names.append("lookup_throughput.png")
-    fig.savefig(out_dir / names[-1], dpi=110)
-    plt.close(fig)
+    finish(fig, axes, "lookup_throughput.png")
 
     workers = max(args.clients)
     fig, axes = panel_grid(f"memory: sum of PSS over {workers} client process(es) + server")
@@ -1271,10 +915,7 @@ def write_plots(args: argparse.Namespace, res: Results, out_dir: Path) -> list[s
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
         ax.set(ylabel="MiB", title=f"dim {dim}, {kind} keys, N = {res.dims[dim]:,}")
         ax.grid(True, axis="y", alpha=0.3)
-    finish(fig, axes)
-    names.append("lookup_memory.png")
-    fig.savefig(out_dir / names[-1], dpi=110)
-    plt.close(fig)
+    finish(fig, axes, "lookup_memory.png")
     return names
 
 

@@ -19,16 +19,16 @@ Backends (environment, all set by the benchmark):
 - ``dict``: a private copy per worker, loaded at startup from ``EMBKV_SVC_DATA``/keys.npy and
   vectors.npy: a ``dict`` from key to row plus a numpy matrix of the rows.
 
-The Redis and Memcached clients are the synchronous ones, called inside the async handler: each
-worker serves one request at a time and blocks on the loopback round trip (the lowest overhead
-these clients have; their asyncio variants cost more Python per call).
+The Redis, Memcached and dict clients are the benchmarks' peers (``_peers``: ``RedisPeer``,
+``MemcachedPeer``, ``IndexDict``). Redis and Memcached are the synchronous clients, called inside
+the async handler: each worker serves one request at a time and blocks on the loopback round trip
+(the lowest overhead these clients have; their asyncio variants cost more Python per call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -38,12 +38,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from numpy.typing import NDArray
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from _common import BoolArray, FloatArray, IntArray, malloc_trim
+from _peers import IndexDict, MemcachedPeer, RedisPeer
 
 ENV_BACKEND = "EMBKV_SVC_BACKEND"
 ENV_STORE = "EMBKV_SVC_STORE"
@@ -59,10 +61,6 @@ ENV_SPREAD_MS = "EMBKV_SVC_SPREAD_ACCEPTS_MS"
 BACKENDS = ("embkv", "redis", "memcached", "dict")
 TOP_K = 10
 MAX_KEYS = 1000
-
-IntArray = NDArray[np.int64]
-FloatArray = NDArray[np.float32]
-
 
 def query_vector(dim: int, seed: int) -> FloatArray:
     """The fixed query vector every worker scores against (the benchmark computes the truth with it)."""
@@ -104,70 +102,31 @@ class EmbkvBackend:
         return keys[found], vectors[found]
 
 
+def _only_found(keys: IntArray, vectors: FloatArray, found: BoolArray | None) -> tuple[IntArray, FloatArray]:
+    return (keys if found is None else keys[found]), vectors
+
+
 class DictBackend:
     name = "dict"
 
     def __init__(self, data_dir: str) -> None:
-        keys = np.load(os.path.join(data_dir, "keys.npy"))
-        self.matrix: FloatArray = np.load(os.path.join(data_dir, "vectors.npy"))  # private copy
-        self.index: dict[int, int] = dict(zip(keys.tolist(), range(len(keys)), strict=True))
-        del keys
+        self.hits = IndexDict(Path(data_dir)).hits
 
     def lookup(self, raw: bytes) -> tuple[IntArray, FloatArray]:
         keys = parse_keys(raw)
-        get = self.index.get
-        rows = np.array([get(k, -1) for k in keys.tolist()], dtype=np.intp)
-        found = rows >= 0
-        if found.all():
-            return keys, self.matrix[rows]
-        return keys[found], self.matrix[rows[found]]
+        return _only_found(keys, *self.hits(keys))
 
 
-def _host_port(spec: str) -> tuple[str, int]:
-    host, _, port = spec.rpartition(":")
-    return host or "127.0.0.1", int(port)
+class ServerBackend:
+    """Redis or Memcached: the request's decimal keys are the names the server holds the rows by."""
 
-
-def _from_values(raw: bytes, values: list[bytes | None], dim: int) -> tuple[IntArray, FloatArray]:
-    hits = [v for v in values if v is not None]
-    keys = parse_keys(raw)
-    if len(hits) != len(values):
-        keys = keys[np.array([v is not None for v in values], dtype=np.bool_)]
-    vectors = np.frombuffer(b"".join(hits), dtype=np.float32).reshape(len(hits), dim)
-    return keys, vectors
-
-
-class RedisBackend:
-    name = "redis"
-
-    def __init__(self, spec: str, dim: int) -> None:
-        import redis
-
-        host, port = _host_port(spec)
-        self.client = redis.Redis(host=host, port=port, socket_keepalive=True)
-        self.client.ping()
-        self.dim = dim
+    def __init__(self, name: str, peer: RedisPeer | MemcachedPeer) -> None:
+        self.name = name
+        self.hits = peer.hits
 
     def lookup(self, raw: bytes) -> tuple[IntArray, FloatArray]:
-        tokens = raw.split(b",") if raw else []
-        values: list[bytes | None] = list(self.client.mget(tokens)) if tokens else []  # type: ignore[arg-type]
-        return _from_values(raw, values, self.dim)
-
-
-class MemcachedBackend:
-    name = "memcached"
-
-    def __init__(self, spec: str, dim: int) -> None:
-        from pymemcache.client.base import Client
-
-        self.client = Client(_host_port(spec), no_delay=True, connect_timeout=5, timeout=5)
-        self.client.version()
-        self.dim = dim
-
-    def lookup(self, raw: bytes) -> tuple[IntArray, FloatArray]:
-        tokens = raw.split(b",") if raw else []
-        got: dict[bytes, bytes] = self.client.get_many(tokens) if tokens else {}
-        return _from_values(raw, [got.get(t) for t in tokens], self.dim)
+        vectors, found = self.hits(raw.split(b",") if raw else [])
+        return _only_found(parse_keys(raw), vectors, found)
 
 
 def make_backend(name: str) -> Backend:
@@ -177,9 +136,9 @@ def make_backend(name: str) -> Backend:
     if name == "dict":
         return DictBackend(os.environ[ENV_DATA])
     if name == "redis":
-        return RedisBackend(os.environ[ENV_REDIS], dim)
+        return ServerBackend(name, RedisPeer(os.environ[ENV_REDIS], dim, socket_keepalive=True))
     if name == "memcached":
-        return MemcachedBackend(os.environ[ENV_MEMCACHED], dim)
+        return ServerBackend(name, MemcachedPeer(os.environ[ENV_MEMCACHED], dim))
     raise SystemExit(f"{ENV_BACKEND} must be one of {BACKENDS}, got {name!r}")
 
 
@@ -226,18 +185,13 @@ async def health(request: Request) -> Response:
     return JSONResponse({"backend": name, "worker": STATE.pid})
 
 
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     STATE.pid = os.getpid()
     STATE.query = query_vector(int(os.environ.get(ENV_DIM, "64")), int(os.environ.get(ENV_SEED, "0")))
     STATE.backend = make_backend(os.environ.get(ENV_BACKEND, "embkv"))
     gc.collect()
-    _malloc_trim()  # PSS should show what a worker holds, not its startup peak
+    malloc_trim()  # PSS should show what a worker holds, not its startup peak
     ready = os.environ.get(ENV_READY)
     if ready:
         Path(ready, str(STATE.pid)).touch()
