@@ -3,7 +3,7 @@
 
 Alternates, until the time is up:
 
-- SIGKILL crash trials (tests/reliability.py, the same as tests/test_crash.py) on a /dev/shm
+- SIGKILL crash trials (tests/reliability.py, the same as tests/file/test_crash.py) on a /dev/shm
   store and on disk stores in the temp folder (sync="always", and sync="never", which must lose
   nothing to a process crash either);
 - a torn-read round: 4 reader processes (2 on the C kernel, 2 on the numpy fallback) verify
@@ -12,7 +12,7 @@ Alternates, until the time is up:
 
 Prints running totals after every round and exits 1 on any bad outcome or bad read (0 when
 all is well). False misses of readers on the numpy kernel (a known bug: a present key reported
-missing under heavy rewriting, see tests/test_torn_reads.py) are counted and printed apart, and
+missing under heavy rewriting, see tests/file/test_torn_reads.py) are counted and printed apart, and
 fail the run only with --strict. Everything it creates (two store folders, named embkv-soak-*) is removed at
 the end, also on Ctrl-C or SIGTERM.
 
@@ -71,7 +71,7 @@ class Torn:
         self.vectors = 0
         self.rows_written = 0
         self.bad = 0
-        self.numpy_misses = 0  # known bug, see tests/test_torn_reads.py::test_numpy_kernel_lookup_is_not_fooled...
+        self.numpy_misses = 0  # known bug, see tests/file/test_torn_reads.py::test_numpy_kernel_lookup_is_not_fooled...
         self.errors: list[str] = []
 
 

@@ -1,6 +1,6 @@
 """Machinery of the reliability tests: SIGKILL crash trials and torn-read readers.
 
-Shared by tests/test_crash.py, tests/test_torn_reads.py and scripts/soak.py, so it imports no
+Shared by tests/file/test_crash.py, tests/file/test_torn_reads.py and scripts/soak.py, so it imports no
 pytest. Children are forked from the already-imported caller (``os.fork`` / the "fork"
 context): a crash trial costs milliseconds, not an interpreter start.
 

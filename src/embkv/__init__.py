@@ -16,11 +16,15 @@ Quick start::
     # rebuild a whole table and publish it atomically; readers switch on their next call
     store.load_table("items", keys, vectors)
 
-    # compute on miss: lookups answer at once, misses are queued for workers (embkv.cache)
+    # compute on miss: lookups answer at once, misses are queued for workers (embkv.compute)
     cache = embkv.EmbeddingCache(store, "items", oov="mean")
     vectors, status = cache.lookup([7, 8])                   # status: embkv.HIT / OOV / STALE
 
-See ARCHITECTURE.md for the file format and the concurrency protocol.
+Every kind of table implements :class:`embkv.EmbeddingTable`; its capabilities say what else
+it can do (``items.capabilities.durable``). A new kind proves it keeps the contract with the
+suite shipped in :mod:`embkv.testing`.
+
+See ARCHITECTURE.md for the parts of the package, the file format and the concurrency protocol.
 """
 
 from __future__ import annotations

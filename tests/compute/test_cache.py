@@ -24,7 +24,9 @@ from embkv.testing import poll
 from helpers import fork_and_run, free_port
 
 DIM = 4
-TESTS = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# a worker started as `embkv worker --compute test_cache:...` imports this module and helpers.py
+TESTS = HERE + os.pathsep + os.path.dirname(HERE)
 
 
 # ---------------------------------------------------------------- compute functions (importable by workers)

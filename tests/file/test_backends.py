@@ -19,7 +19,7 @@ import embkv
 from conftest import session_leftovers
 from helpers import check_vectors, encode
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # helpers.py, conftest.py
 ROOT = os.path.dirname(TESTS)
 
 
@@ -70,8 +70,8 @@ def test_asking_for_the_numpy_kernel_gives_no_warning():
 def test_table_error_conformance_and_cache_suites_pass_on_numpy_kernel():
     session = "np" + uuid.uuid4().hex[:10]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_table.py", "tests/test_errors.py", "tests/test_cache.py", "-q",
-         "-p", "no:cacheprovider", "-x"],
+        [sys.executable, "-m", "pytest", "tests/file/test_table.py", "tests/file/test_errors.py",
+         "tests/file/test_conformance.py", "tests/compute/test_cache.py", "-q", "-p", "no:cacheprovider", "-x"],
         cwd=ROOT, env=numpy_env(EMBKV_TEST_SESSION=session), capture_output=True, text=True, timeout=240,
     )
     out = proc.stdout + proc.stderr
