@@ -520,6 +520,14 @@ def test_writer_locked_error_and_waiting_writer(store):
                 with pytest.raises(embkv.WriterLockedError):
                     call()
                 assert 0.2 <= time.monotonic() - t0 < 5
+            # set on the table, the timeout applies to its next write
+            patient = embkv.open(store.path)["t"]
+            assert patient.lock_timeout == 30.0
+            patient.lock_timeout = 0.3
+            t0 = time.monotonic()
+            with pytest.raises(embkv.WriterLockedError):
+                patient.put([51], encode([51], 1))
+            assert 0.3 <= time.monotonic() - t0 < 5 and patient.lock_timeout == 0.3
             with running(waiter):
                 assert started.wait(WAIT)
                 assert wq.empty()  # still waiting: the lock is held

@@ -451,3 +451,37 @@ def test_old_handle_after_drop_and_recreate_with_other_dim(store):
     except embkv.EmbkvError:
         return  # a typed error is an acceptable answer
     assert found.all() and vectors.tolist() == [[3.0] * 8]
+
+
+def test_store_close_closes_every_table_even_when_one_file_was_replaced(disk_store_path):
+    store = embkv.open(disk_store_path)
+    a, b = store.create_table("a", dim=4), store.create_table("b", dim=4)
+    a.put([1, 2], np.ones((2, 4)))
+    b.put([1, 2], np.ones((2, 4)))  # both logs hold a record: close checkpoints them
+    junk = os.path.join(disk_store_path, "junk")
+    with open(junk, "wb") as f:
+        f.write(b"x" * 8192)
+    os.rename(junk, os.path.join(disk_store_path, "a.ekv"))  # a foreign file where table a was
+    store.close()  # the failed checkpoint of a does not stop the rest
+    assert a.closed and b.closed
+    assert mapped_files(disk_store_path) == []
+
+
+def test_generator_keys_survive_the_retry_after_a_schema_change(store):
+    t = store.create_table("t", dim=4)
+    t.put([1, 2], np.ones((2, 4)))
+    other = embkv.open(store.path)
+    other.drop_table("t")
+    other.create_table("t", dim=8).put([1, 2], np.ones((2, 8)))
+    vectors, found = t.get(k for k in (1, 2))  # read once, then retried on the new schema
+    assert vectors.shape == (2, 8) and found.tolist() == [True, True]
+    other.close()
+
+
+def test_a_write_session_ends_with_its_block(store):
+    t = store.create_table("t", dim=4)
+    with t.write_session() as session:
+        assert session.mapping.layout.dim == 4
+    with pytest.raises(errors.WriterLockedError, match="ended"):
+        session.drop()  # outside the lock: refused
+    assert "t" in store

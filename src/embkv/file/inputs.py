@@ -26,13 +26,15 @@ __all__ = [
 ]
 
 _INT64_MAX = np.iinfo(np.int64).max
+_ARRAY_LIKE = (np.ndarray, list, tuple, range, int)  # what np.asarray takes as it is, checked first (cheap)
 
 
 def as_int_keys(keys: Any) -> np.ndarray:
     """Keys for an int64 table as a contiguous int64 array; typed errors for anything else."""
     if isinstance(keys, (str, bytes)):
         raise KeyTypeError("int64 table: keys must be integers, got a string")
-    if isinstance(keys, Iterable) and not isinstance(keys, (Sequence, np.ndarray)):
+    if (type(keys) not in _ARRAY_LIKE and not hasattr(keys, "__array__") and isinstance(keys, Iterable)
+            and not isinstance(keys, Sequence)):
         keys = list(keys)  # a generator or a set: numpy would make a 0-d object array of it
     try:
         arr = np.asarray(keys)

@@ -58,6 +58,7 @@ class Table:
             raise StorageError.from_os_error(exc, f"table {name!r}: cannot open for writing (open the store with "
                                                   "readonly=True to read)") from exc
         self._writer: TableWriter | None = None
+        self._reader_settings = _ReaderSettings(lock_timeout, sync, sync_interval)
         if not readonly:
             self._writer = TableWriter(self._version, lock_timeout=lock_timeout, sync=sync,
                                        sync_interval=sync_interval)
@@ -65,7 +66,10 @@ class Table:
                 if self._writer.needs_recovery():
                     self._writer.try_recover()
             except BaseException:
-                self.close()  # a table that failed to open holds no mapping and no descriptor
+                # a table that failed to open holds no mapping and no descriptor; no checkpoint
+                # either: that would take the lock and run the recovery that just failed again
+                self._writer.close(checkpoint=False)
+                self._version.close()
                 raise
 
     def _adopt(self, m: Mapping) -> None:
@@ -79,6 +83,28 @@ class Table:
         self._vec_bytes = lay.vec_bytes
 
     # ---------------------------------------------------------------- schema
+
+    # the writer's settings, read by every write: setting one on the table takes effect at once
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds a write waits for another process's write before :class:`WriterLockedError`."""
+        return self._settings_holder().lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        self._settings_holder().lock_timeout = float(seconds)
+
+    @property
+    def sync(self) -> SyncPolicy:
+        """When the write-ahead log is fsynced (a disk store): ``always``, ``interval`` or ``never``."""
+        return self._settings_holder().sync
+
+    @property
+    def sync_interval(self) -> float:
+        return self._settings_holder().sync_interval
+
+    def _settings_holder(self) -> TableWriter | _ReaderSettings:
+        return self._writer if self._writer is not None else self._reader_settings
 
     @property
     def closed(self) -> bool:
@@ -156,7 +182,7 @@ class Table:
         out = np.empty((len(k), self.dim), dtype=self.dtype)
         found = np.empty(len(k), dtype=np.bool_)
         if self._gather(k, out, found, default) < 0:
-            return self.get(keys, default)  # the table was re-created with another schema
+            return self.get(k, default)  # re-created with another schema (k: keys already read once)
         return out, found
 
     def get_tagged(self, keys: Any, default: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,7 +196,7 @@ class Table:
         found = np.empty(len(k), dtype=np.bool_)
         tags = np.empty(len(k), dtype=np.uint64)
         if self._gather(k, out, found, default, tags) < 0:
-            return self.get_tagged(keys, default)
+            return self.get_tagged(k, default)
         return out, found, tags
 
     def get_fresh(self, keys: Any, min_version: int, max_age: int = 0, default: Any = None,
@@ -194,7 +220,7 @@ class Table:
         status = np.empty(n, dtype=np.int8)
         fresh = self._gather(k, out, status, default, None, min_version, max_age, stats, stale_as_miss)
         if fresh < 0:
-            return self.get_fresh(keys, min_version, max_age, default, stats, stale_as_miss)
+            return self.get_fresh(k, min_version, max_age, default, stats, stale_as_miss)
         return out, status, fresh
 
     def _gather(self, k: Any, out: np.ndarray, found: np.ndarray, default: Any, tags: np.ndarray | None = None,
@@ -342,3 +368,12 @@ class Table:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ReaderSettings:
+    """The writer settings a read-only table still reports (it never writes)."""
+
+    def __init__(self, lock_timeout: float, sync: SyncPolicy, sync_interval: float) -> None:
+        self.lock_timeout = lock_timeout
+        self.sync = sync
+        self.sync_interval = sync_interval

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import CorruptTableError, ReadOnlyError, StorageError, TableNotFoundError, WriterLockedError
+from ..errors import CorruptTableError, EmbkvError, SchemaError, StorageError, TableNotFoundError, WriterLockedError
 from .format import Counter, Layout
 from .mapping import Chunk, Mapping, Progress, build_version, export_live
 from .publish import (
@@ -130,10 +130,12 @@ class TableWriter:
             self._thread_lock_pid = os.getpid()
         with self._thread_lock:
             fd = self._acquire_lock(self.lock_timeout if lock_timeout is None else lock_timeout)
+            session = WriteSession(self)
             try:
                 with self._locked():
-                    yield WriteSession(self)
+                    yield session
             finally:
+                session._active = False  # a session kept past its block must not write unlocked
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _acquire_lock(self, timeout: float) -> int:
@@ -261,7 +263,9 @@ class TableWriter:
         m = self.version.get()
         self._logged(m, kind, count, parts)
         if not apply(m):
-            raise CorruptTableError(f"{self.path}: a batch does not fit even after the table grew")
+            if logged_at is None:  # a logged batch that no version can hold: the log is damaged
+                raise CorruptTableError(f"{self.path}: a logged batch does not fit even after growing")
+            raise SchemaError("internal: table did not grow enough")
         return True
 
     # ---------------------------------------------------------------- versions
@@ -327,18 +331,25 @@ class TableWriter:
         m.counters[Counter.SUPERSEDED] = 1
         os.unlink(prev)
 
-    def close(self) -> None:
-        """Checkpoint a durable table's log, close it and the lock file (this process's only)."""
-        if self._wal is not None and self._wal.pid == os.getpid():
-            if self.version.mapping is not None and self._wal.size() > 64:
-                with contextlib.suppress(CorruptTableError, StorageError, WriterLockedError, TableNotFoundError,
-                                         ReadOnlyError), self.session() as session:
+    def close(self, checkpoint: bool = True) -> None:
+        """Checkpoint a durable table's log (unless ``checkpoint=False``), close it and the lock file.
+
+        Only this process's: a forked child closes nothing its parent still uses. Whatever the
+        checkpoint meets (the table dropped or replaced by a foreign file, the lock held, a full
+        disk), the log and the lock are still closed: the next writer recovers from the log.
+        """
+        try:
+            if (checkpoint and self._wal is not None and self._wal.pid == os.getpid()
+                    and self.version.mapping is not None and self._wal.size() > 64):
+                with contextlib.suppress(EmbkvError), self.session() as session:
                     session.checkpoint()
-            self._wal.close()
+        finally:
+            if self._wal is not None and self._wal.pid == os.getpid():
+                self._wal.close()
             self._wal = None
-        if self._lock_fd is not None and self._lock_pid == os.getpid():
-            os.close(self._lock_fd)
-        self._lock_fd = None
+            if self._lock_fd is not None and self._lock_pid == os.getpid():
+                os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 class WriteSession:
@@ -349,20 +360,26 @@ class WriteSession:
 
     def __init__(self, writer: TableWriter) -> None:
         self._writer = writer
+        self._active = True
+
+    def _held(self) -> TableWriter:
+        if not self._active:
+            raise WriterLockedError(f"table {self._writer.name!r}: this write session ended with its with block")
+        return self._writer
 
     @property
     def mapping(self) -> Mapping:
         """The current version (it changes when the session publishes one)."""
-        return self._writer.version.get()
+        return self._held().version.get()
 
     def log(self, kind: int, count: int, parts: list[Any]) -> int:
         """Append a batch to the log before applying it; returns where its record starts."""
-        return self._writer._logged(self.mapping, kind, count, parts)
+        return self._held()._logged(self.mapping, kind, count, parts)
 
     def write(self, kind: int, count: int, parts: list[Any], apply: Apply, *, extra_rows: int,
               extra_heap: int = 0) -> None:
         """Log a batch (``parts``: its record payload), then apply it, growing the table if it has no room."""
-        w = self._writer
+        w = self._held()
         mark = w._logged(self.mapping, kind, count, parts)
         w._apply_growing(kind, count, parts, apply, extra_rows=extra_rows, extra_heap=extra_heap, logged_at=mark)
         if checkpoint_due(w._log()):
@@ -370,16 +387,16 @@ class WriteSession:
 
     def checkpoint(self) -> None:
         """Flush the table file to disk and empty the log."""
-        self._writer._checkpoint(self.mapping)
+        self._held()._checkpoint(self.mapping)
 
     def publish(self, layout: Layout, chunks: Iterator[Chunk], progress: Progress | None = None) -> None:
         """Build a whole new version from ``chunks`` and publish it atomically."""
-        self._writer._publish(layout, chunks, progress)
+        self._held()._publish(layout, chunks, progress)
 
     def install(self, complete_file: str) -> None:
         """Make a complete, synced table file (built elsewhere, e.g. a copy) the current version."""
-        self._writer._install(complete_file)
+        self._held()._install(complete_file)
 
     def drop(self) -> None:
         """Delete the table: readers that still map it learn it on their next call."""
-        self._writer._drop()
+        self._held()._drop()
