@@ -453,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
         workers = Workers(path, compute)
         try:
             store = embkv.open(path)
-            store.create_table(TABLE, dim=DIM, dtype="float32", key_type="str")
+            store.create_table(TABLE, dim=DIM, dtype="float32", key_type="str", tags=True)
             cache = embkv.EmbeddingCache(store, TABLE, embkv.SQLiteQueue.beside(store, TABLE), oov="zeros",
                                          model_version=MODEL_VERSION, ttl=7 * 86400)
             vecs = rng.standard_normal((len(present), DIM)).astype(np.float32)

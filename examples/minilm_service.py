@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
     store = cache = thread = None
     try:
         store = embkv.open(path)
-        store.create_table(TABLE, dim=DIM, dtype="float32", key_type="str")
+        store.create_table(TABLE, dim=DIM, dtype="float32", key_type="str", tags=True)
         cache = embkv.EmbeddingCache(store, TABLE, embkv.SQLiteQueue.beside(store, TABLE), oov="zeros")
         thread = embkv.run_in_thread(embkv.Worker(store, TABLE, encode, batch=64))
 

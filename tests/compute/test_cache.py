@@ -74,7 +74,7 @@ def embed_then_block(keys: list[Any]) -> np.ndarray:
 
 @pytest.fixture
 def table(store: embkv.Store) -> embkv.Table:
-    return store.create_table("t", dim=DIM)
+    return store.create_table("t", dim=DIM, tags=True)
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_miss_is_answered_at_once_then_filled(store: embkv.Store, queue: SQLiteQ
 
 
 def test_str_keys(store: embkv.Store) -> None:
-    store.create_table("s", dim=DIM, key_type="str")
+    store.create_table("s", dim=DIM, key_type="str", tags=True)
     q = SQLiteQueue.beside(store, "s")
     cache = EmbeddingCache(store, "s", q)
     assert lookup_sent(cache, ["ab", "xyz"])[1].tolist() == [OOV, OOV]
@@ -267,7 +267,7 @@ def test_close_while_other_threads_look_up(store: embkv.Store, queue: SQLiteQueu
 
 
 def test_str_keys_from_a_generator(store: embkv.Store) -> None:
-    store.create_table("s", dim=DIM, key_type="str")
+    store.create_table("s", dim=DIM, key_type="str", tags=True)
     q = SQLiteQueue.beside(store, "s")
     cache = EmbeddingCache(store, "s", q)
     assert cache.lookup(k for k in ("a", "bb", "ccc"))[1].tolist() == [OOV] * 3
@@ -294,7 +294,7 @@ def test_model_versions_only_go_up(store: embkv.Store, queue: SQLiteQueue) -> No
 
 def test_oov_mean_samples_a_large_table(store: embkv.Store, queue: SQLiteQueue) -> None:
     keys = np.arange(250_000)
-    store.load_table("big", keys, np.stack([keys % 2, np.ones(len(keys))], axis=1).astype(np.float32))
+    store.load_table("big", keys, np.stack([keys % 2, np.ones(len(keys))], axis=1).astype(np.float32), tags=True)
     q = SQLiteQueue.beside(store, "big")
     cache = EmbeddingCache(store, "big", q, oov="mean")
     mean = cache.oov_vector()
@@ -471,7 +471,7 @@ def test_nan_rows_are_rejected_others_written(store: embkv.Store, queue: SQLiteQ
 
 
 def test_overflow_in_float16_is_rejected(store: embkv.Store) -> None:
-    store.create_table("h", dim=DIM, dtype="float16")
+    store.create_table("h", dim=DIM, dtype="float16", tags=True)
     q = SQLiteQueue.beside(store, "h")
     lookup_sent(EmbeddingCache(store, "h", q), [1])
     Worker(store, "h", embed_huge, q).run(until_idle=True)

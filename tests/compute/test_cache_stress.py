@@ -47,7 +47,7 @@ def service(store_path: str, seed: int, calls: int, out: Any) -> None:
 
 
 def test_many_services_and_workers(store: embkv.Store, store_path: str) -> None:
-    store.create_table("t", dim=DIM)
+    store.create_table("t", dim=DIM, tags=True)
     SQLiteQueue.beside(store, "t").close()
     # the workers import stress_embed by module name: spawned processes get pytest's sys.path
     workers = [run_in_process(store_path, "t", "test_cache_stress:stress_embed", batch=32, idle_sleep=0.005,

@@ -54,7 +54,7 @@ def embed_then_hang(marker: str, keys: list[Any]) -> np.ndarray:
 
 @pytest.fixture
 def table(store: embkv.Store) -> embkv.Table:
-    return store.create_table("t", dim=DIM)
+    return store.create_table("t", dim=DIM, tags=True)
 
 
 def pending_of(r: Any, consumer: str) -> int:

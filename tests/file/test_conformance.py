@@ -23,6 +23,7 @@ class FileTableTests(BackendTests):
     """What every file table adds to the contract: row bookkeeping, and files left as they were."""
 
     store: embkv.Store
+    quantized_dtypes = ("int8", "bfloat16")
 
     def open_store(self, path: str) -> embkv.Store:
         return embkv.open(path)
@@ -32,8 +33,10 @@ class FileTableTests(BackendTests):
         self.store = self.open_store(path)
         made = iter(range(10**6))
 
-        def make(key_type: str = "int64", dim: int = 16, dtype: str = "float32") -> embkv.EmbeddingTable:
-            return self.store.create_table(f"t{next(made)}", dim, dtype, key_type, capacity=16)  # type: ignore[arg-type]
+        def make(key_type: str = "int64", dim: int = 16, dtype: str = "float32",
+                 tagged: bool = False) -> embkv.EmbeddingTable:
+            return self.store.create_table(f"t{next(made)}", dim, dtype, key_type, capacity=16,  # type: ignore[arg-type]
+                                           tags=tagged)
 
         yield make
         self.store.close()
@@ -53,7 +56,7 @@ class FileTableTests(BackendTests):
         assert info["rows_used"] <= info["capacity"]
 
     def test_growth_keeps_tags_and_publishes_a_new_version(self, make_table: Any) -> None:
-        t = make_table(dim=4)
+        t = make_table(dim=4, tagged=True)
         t.put([1, 2], np.ones((2, 4)), tags=[7, 8])
         t.put(np.arange(100, 200), np.ones((100, 4)))
         assert t.capacity > 16

@@ -223,7 +223,7 @@ def test_torn_log_tail_is_cut_off(disk_store_path, damage):
 
 def test_replayed_batch_restores_its_tags(disk_store_path):
     with embkv.open(disk_store_path, sync="always") as s:
-        s.create_table("t", DIM, capacity=64)
+        s.create_table("t", DIM, capacity=64, tags=True)
 
     def write() -> None:
         t = embkv.open(disk_store_path, sync="always")["t"]

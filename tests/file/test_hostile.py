@@ -4,7 +4,7 @@ The file fuzzer takes a small valid table file (int keys, str keys) with overwri
 deleted keys and free rows, applies 1-3 random mutations (truncation, bit flips aimed at the
 header, counters, index, rows, free list and key heap, random byte runs, header fields
 overwritten with random values -- huge capacities included -- with the header CRC-32 at byte
-112 recomputed over bytes 0..111), then, in this process (a segfault would kill pytest):
+120 recomputed over bytes 0..119), then, in this process (a segfault would kill pytest):
 
 - opening raises an ``EmbkvError`` subclass or succeeds; if it succeeds, reads and writes
   work or raise ``EmbkvError``;
@@ -55,7 +55,7 @@ from embkv.cli import main as cli_main
 from embkv.file.check import CheckReport, check_table
 from embkv.file.format import COUNTERS_OFFSET, FORMAT_VERSION, MAX_CAPACITY, Layout
 
-CRC_OFFSET = 112
+CRC_OFFSET = 120  # format version 3 (version 2: 112)
 IMMUTABLE_END = CRC_OFFSET + 4
 SUPERSEDED_BYTES = (COUNTERS_OFFSET + 6 * 8, COUNTERS_OFFSET + 7 * 8)
 MUST_DETECT_COUNTERS = [(COUNTERS_OFFSET + 8, COUNTERS_OFFSET + 16),  # live keys

@@ -328,7 +328,7 @@ def test_close_unmaps_the_file(store):
 
 
 def test_tags_survive_reopen_and_copy(store, store_path):
-    t = store.create_table("t", dim=2)
+    t = store.create_table("t", dim=2, tags=True)
     t.put([1, 2], np.ones((2, 2)), tags=[11, 22])
     store.copy_table("t", store, "t2")
     with embkv.open(store_path, readonly=True) as again:

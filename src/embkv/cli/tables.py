@@ -11,7 +11,7 @@ import click
 import numpy as np
 
 import embkv
-from embkv.file.format import DTypeName, KeyType
+from embkv.file.format import DTYPES, DTypeName, KeyType
 
 __all__ = ["COMMANDS"]
 
@@ -20,14 +20,15 @@ __all__ = ["COMMANDS"]
 @click.argument("store")
 @click.argument("table")
 @click.option("--dim", type=click.IntRange(1), required=True, help="Vector width.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "float64"]), default="float32",
-              show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+              help="How vectors are stored; int8 (a scale per row) and bfloat16 are read back as float32.")
 @click.option("--key-type", type=click.Choice(["int64", "str"]), default="int64", show_default=True)
 @click.option("--capacity", type=click.IntRange(16), default=1024, show_default=True,
               help="Starting size in rows; tables grow on their own.")
-def create(store: str, table: str, dim: int, dtype: DTypeName, key_type: KeyType, capacity: int) -> None:
+@click.option("--tags", is_flag=True, help="Rows keep a u64 tag (8 bytes a row); compute on miss needs it.")
+def create(store: str, table: str, dim: int, dtype: DTypeName, key_type: KeyType, capacity: int, tags: bool) -> None:
     """Create an empty TABLE in STORE."""
-    t = embkv.open(store).create_table(table, dim=dim, dtype=dtype, key_type=key_type, capacity=capacity)
+    t = embkv.open(store).create_table(table, dim=dim, dtype=dtype, key_type=key_type, capacity=capacity, tags=tags)
     click.echo(f"created {t!r}")
 
 
@@ -38,8 +39,9 @@ def create(store: str, table: str, dim: int, dtype: DTypeName, key_type: KeyType
 @click.argument("vectors", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--key-column", default="key", show_default=True, help="Parquet: column holding keys.")
 @click.option("--vector-column", default="vector", show_default=True, help="Parquet: list column of vectors.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "float64"]), default=None,
-              help="Stored dtype of a new table (default: the data's float type, else float32).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+              help="Stored dtype of a new table (default: the data's float type, else float32); int8 and "
+              "bfloat16 quantize the data.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def load(store: str, table: str, source: str, vectors: str | None, key_column: str, vector_column: str,
          dtype: DTypeName | None, quiet: bool) -> None:
@@ -85,9 +87,13 @@ def info(store: str, table: str | None, as_json: bool) -> None:
     if not infos:
         click.echo(f"{store}: no tables")
     for i in infos:
-        click.echo(f"{i['name']}: {i['rows']:,} rows x {i['dim']} {i['dtype']}, {i['key_type']} keys")
+        per_row = i["bytes_per_row"]
+        click.echo(f"{i['name']}: {i['rows']:,} rows x {i['dim']} {i['dtype']}, {i['key_type']} keys, "
+                   f"{per_row['total']:g} bytes/row ({per_row['vector']:g} vector + {per_row['overhead']:g})")
         if table:
             for k, v in i.items():
+                if k == "bytes_per_row":
+                    v = ", ".join(f"{part} {n:g}" for part, n in v.items())
                 click.echo(f"  {k:<16}{v}")
 
 
@@ -211,4 +217,23 @@ def drop(store: str, table: str) -> None:
     click.echo(f"dropped {table}")
 
 
-COMMANDS = [create, load, info, get, export, copy, check, repair, drop]
+@click.command()
+@click.argument("store")
+@click.argument("table", required=False)
+def upgrade(store: str, table: str | None) -> None:
+    """Rewrite STORE's tables (or TABLE) written by an older embkv in the current file format.
+
+    Each table is copied into a new version and published atomically: readers keep reading,
+    and every key keeps its vector. Tables already current are left as they are.
+    """
+    s = embkv.open(store)
+    names = [table] if table else s.list_tables()
+    for name in names:
+        before = s[name].info()["format_version"]
+        if s.upgrade_table(name):
+            click.echo(f"{name}: upgraded from format version {before} to {s[name].info()['format_version']}")
+        else:
+            click.echo(f"{name}: already format version {before}")
+
+
+COMMANDS = [create, load, info, get, export, copy, check, repair, drop, upgrade]

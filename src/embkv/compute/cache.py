@@ -41,6 +41,7 @@ from ..file.format import make_tag
 from ..file.inputs import lookup_keys
 from ..file.kernels import STATUS_FRESH, STATUS_MISS, STATUS_STALE
 from ..file.store import Store
+from ..file.table import Table
 from ..metrics import LOOKUP_COUNTERS, CacheMetrics, SharedMetrics
 from .queue import QueueUnavailableError, WorkQueue
 from .sqlite_queue import SQLiteQueue
@@ -94,7 +95,7 @@ class EmbeddingCache:
     Example::
 
         store = embkv.open("/dev/shm/shop")
-        store.create_table("titles", dim=384, key_type="str", exist_ok=True)
+        store.create_table("titles", dim=384, key_type="str", tags=True, exist_ok=True)
         cache = embkv.EmbeddingCache(store, "titles", oov="mean", model_version=3)
         vectors, status = cache.lookup(["red shoes", "blue hat"])
         # status[i] is embkv.HIT, embkv.OOV or embkv.STALE; misses are now queued for
@@ -113,7 +114,7 @@ class EmbeddingCache:
             raise SchemaError(f"model_version must be an int, got {model_version!r}")
         make_tag(int(model_version), 0)  # validates the version range
         self.store = store
-        self.table = store[name]
+        self.table = require_tagged(store[name])
         self.queue = queue if queue is not None else SQLiteQueue.beside(store, name,
                                                                         busy_timeout=SENDER_QUEUE_TIMEOUT)
         if self.queue.key_type != self.table.key_type:
@@ -507,6 +508,14 @@ def _sender_main(ref: weakref.ReferenceType[EmbeddingCache]) -> None:
         except Exception:  # a bug in one round must not stop misses from being queued for good
             time.sleep(QUEUE_RETRY_SECONDS)
         del cache  # between rounds only the weak reference remains
+
+
+def require_tagged(table: Table) -> Table:
+    """``table`` if its rows keep a tag word (compute on miss keeps model version and fill time there)."""
+    if not table.tagged:
+        raise SchemaError(f"table {table.name!r} keeps no row tags, and compute on miss stores each vector's model "
+                          "version and fill time in its tag: create the table with tags=True")
+    return table
 
 
 def fill_tag(model_version: int, filled_at: float | None = None) -> int:

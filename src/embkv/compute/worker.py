@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import EmbkvError, SchemaError
 from ..file.store import Store, open_store
 from ..metrics import WorkerMetrics, histogram_deltas
-from .cache import fill_tag
+from .cache import fill_tag, require_tagged
 from .queue import Key, QueueUnavailableError, WorkItem, WorkQueue
 from .redis_queue import RedisStreamQueue
 from .sqlite_queue import SQLiteQueue
@@ -82,7 +82,7 @@ class Worker:
         if batch < 1:
             raise SchemaError(f"batch must be >= 1, got {batch}")
         self.store = store
-        self.table = store[name]
+        self.table = require_tagged(store[name])
         self.compute = load_compute(compute)
         self.queue = queue if queue is not None else SQLiteQueue.beside(store, name)
         fill_tag(int(model_version))  # validates the version range

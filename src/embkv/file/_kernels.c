@@ -33,6 +33,10 @@
 #define KEY_INT 1
 #define KEY_STR 2
 
+#define QUANT_NONE 0
+#define QUANT_INT8 1
+#define QUANT_BF16 2
+
 /* indices into the mutable counter block of the header (format.COUNTERS_OFFSET) */
 #define C_GENERATION 0
 #define C_LIVE 1
@@ -86,8 +90,11 @@ typedef struct {
     uint64_t heap_capacity;
     uint64_t row_stride;
     uint64_t row_header;
-    uint64_t vec_bytes;
-    uint64_t tag_word; /* index of the row's tag word: the last word of the row header */
+    uint64_t vec_bytes; /* a stored vector */
+    uint64_t out_bytes; /* a vector as reads return it (float32 for int8 and bfloat16 rows) */
+    uint64_t dim;
+    int quant;          /* QUANT_NONE, QUANT_INT8 (float32 scale, then dim int8 codes), QUANT_BF16 */
+    uint64_t tag_word;  /* index of the row's tag word (the last word of the row header); 0: untagged rows */
     int key_type;
     slot_t *slots;
     char *rows;
@@ -134,12 +141,12 @@ static int check_range(uint64_t off, uint64_t len, uint64_t size)
 static int View_init(View *self, PyObject *args, PyObject *kwds)
 {
     PyObject *obj;
-    int writable, key_type;
+    int writable, key_type, quant, tagged;
     unsigned long long slot_count, row_capacity, heap_capacity, index_off, rows_off, free_off, heap_off;
-    unsigned long long row_stride, row_header, vec_bytes;
-    if (!PyArg_ParseTuple(args, "OpiKKKKKKKKKK", &obj, &writable, &key_type, &slot_count, &row_capacity,
+    unsigned long long row_stride, row_header, vec_bytes, dim;
+    if (!PyArg_ParseTuple(args, "OpiKKKKKKKKKKKip", &obj, &writable, &key_type, &slot_count, &row_capacity,
                           &heap_capacity, &index_off, &rows_off, &free_off, &heap_off, &row_stride, &row_header,
-                          &vec_bytes))
+                          &vec_bytes, &dim, &quant, &tagged))
         return -1;
     if (self->has_buf) {
         PyBuffer_Release(&self->buf);
@@ -155,8 +162,10 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     int bad = 0;
     bad |= (key_type != KEY_INT && key_type != KEY_STR);
     bad |= (slot_count == 0 || (slot_count & (slot_count - 1)) != 0);
-    bad |= (row_header != (key_type == KEY_INT ? 24u : 40u + INLINE_KEY));
+    bad |= (row_header != (key_type == KEY_INT ? 16u : 32u + INLINE_KEY) + (tagged ? 8u : 0u));
     bad |= (vec_bytes == 0 || row_header + vec_bytes > row_stride || (row_stride % 8) != 0);
+    bad |= (quant != QUANT_NONE && quant != QUANT_INT8 && quant != QUANT_BF16) || dim == 0 || dim > (1u << 20);
+    bad |= (quant == QUANT_INT8 && vec_bytes != 4 + dim) || (quant == QUANT_BF16 && vec_bytes != 2 * dim);
     bad |= (index_off % 8) || (rows_off % 8) || (free_off % 8);
     bad |= __builtin_mul_overflow(slot_count, (uint64_t)sizeof(slot_t), &idx_bytes);
     bad |= __builtin_mul_overflow(row_capacity, row_stride, &row_bytes);
@@ -182,7 +191,10 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     self->row_stride = row_stride;
     self->row_header = row_header;
     self->vec_bytes = vec_bytes;
-    self->tag_word = row_header / 8 - 1;
+    self->dim = dim;
+    self->quant = quant;
+    self->out_bytes = quant == QUANT_NONE ? vec_bytes : 4 * dim;
+    self->tag_word = tagged ? row_header / 8 - 1 : 0;
     self->key_type = key_type;
     self->slots = (slot_t *)(self->base + index_off);
     self->rows = self->base + rows_off;
@@ -235,6 +247,30 @@ static int require_keys(View *self, int key_type)
 
 /* ---------------------------------------------------------------- reads */
 
+/* a stored vector as reads return it: a plain copy, or decoded to float32 (int8 codes times the
+ * row's scale; bfloat16 widened). Inside the reader's seqlock window: a torn source is retried */
+static inline void copy_vec(View *v, char *dst, const char *src)
+{
+    if (v->quant == QUANT_NONE) {
+        memcpy(dst, src, v->vec_bytes);
+        return;
+    }
+    float *out = (float *)dst;
+    if (v->quant == QUANT_INT8) {
+        float scale;
+        memcpy(&scale, src, 4);
+        const int8_t *codes = (const int8_t *)(src + 4);
+        for (uint64_t j = 0; j < v->dim; j++)
+            out[j] = (float)codes[j] * scale;
+        return;
+    }
+    const uint16_t *half = (const uint16_t *)src;
+    for (uint64_t j = 0; j < v->dim; j++) {
+        uint32_t bits = (uint32_t)half[j] << 16;
+        memcpy(&out[j], &bits, 4);
+    }
+}
+
 static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *tag_out)
 {
     uint64_t j = start & v->mask;
@@ -257,9 +293,9 @@ static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *
         uint64_t s1 = LOAD_ACQ(&meta[0]);
         if (!(s1 & 1)) {
             uint64_t rk = LOAD_RLX(&meta[1]);
-            uint64_t tag = LOAD_RLX(&meta[v->tag_word]);
+            uint64_t tag = v->tag_word ? LOAD_RLX(&meta[v->tag_word]) : 0;
             if (dst)
-                memcpy(dst, row_vec(v, r), v->vec_bytes);
+                copy_vec(v, dst, row_vec(v, r));
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (LOAD_RLX(&meta[0]) == s1) {
                 if (rk == key) {
@@ -320,9 +356,9 @@ static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst,
             uint64_t off = LOAD_RLX(&meta[2]);
             uint64_t len = LOAD_RLX(&meta[3]);
             int same = rh == h && str_key_equal(v, meta, off, len, kb, kl);
-            uint64_t tag = LOAD_RLX(&meta[v->tag_word]);
+            uint64_t tag = v->tag_word ? LOAD_RLX(&meta[v->tag_word]) : 0;
             if (same && dst)
-                memcpy(dst, row_vec(v, r), v->vec_bytes);
+                copy_vec(v, dst, row_vec(v, r));
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
             if (LOAD_RLX(&meta[0]) == s1) {
                 if (same) {
@@ -475,8 +511,8 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
             goto done_all;
         }
     }
-    if ((have_out && (uint64_t)out.len != n * self->vec_bytes) || (uint64_t)found.len != n ||
-        (have_dflt && (uint64_t)dflt.len != self->vec_bytes) || (have_tags && (uint64_t)tagb.len != 8 * n) ||
+    if ((have_out && (uint64_t)out.len != n * self->out_bytes) || (uint64_t)found.len != n ||
+        (have_dflt && (uint64_t)dflt.len != self->out_bytes) || (have_tags && (uint64_t)tagb.len != 8 * n) ||
         (have_stats && statb.len != 4 * 8)) {
         PyErr_SetString(PyExc_ValueError, "output buffers do not match the batch");
         goto done_all;
@@ -529,7 +565,7 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
         }
         for (uint64_t c = 0; c < m; c++) {
             uint64_t i = base + c;
-            char *dst = o ? o + i * self->vec_bytes : NULL;
+            char *dst = o ? o + i * self->out_bytes : NULL;
             uint64_t tag = 0;
             int r;
             if (ikeys)
@@ -563,9 +599,9 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
             }
             if (!r && dst) {
                 if (d)
-                    memcpy(dst, d, self->vec_bytes);
+                    memcpy(dst, d, self->out_bytes);
                 else
-                    memset(dst, 0, self->vec_bytes);
+                    memset(dst, 0, self->out_bytes);
             }
         }
     }
@@ -893,9 +929,11 @@ static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const
     if ((rc = alloc_row(v, &r)) < 0)
         return rc;
     slot_t *s = &v->slots[j];
+    /* the tag word is the last header word, present only in tagged tables */
+    int with_tag = v->tag_word != 0;
     if (v->key_type == KEY_INT) {
         uint64_t meta[2] = {slotkey, tag};
-        write_row(v, r, meta, 2, vec);
+        write_row(v, r, meta, 1 + with_tag, vec);
     } else {
         uint64_t meta[7] = {slotkey, 0, kl, 0, 0, 0, tag};
         memcpy(&meta[3], kb, kl < INLINE_KEY ? kl : INLINE_KEY);
@@ -909,7 +947,7 @@ static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const
             STORE_REL(&v->ctr[C_HEAP_USED], used + kl);
             meta[1] = used;
         }
-        write_row(v, r, meta, 7, vec);
+        write_row(v, r, meta, 6 + with_tag, vec);
     }
     if (found) {
         uint64_t old = s->row - 1;

@@ -191,6 +191,6 @@ def repair_table(table: Table) -> dict[str, Any]:
             keys = m.view.export_str(np.ascontiguousarray(rows))
         dropped = len(live_slots) - len(rows)
         new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, max(lay.row_capacity, len(rows)),
-                                 lay.heap_capacity, time.time_ns())
+                                 lay.heap_capacity, time.time_ns(), tagged=lay.tagged)
         session.publish(new_layout, iter([(keys, vectors, tags)]) if len(rows) else iter(()))
     return {"kept": len(rows), "dropped": dropped}

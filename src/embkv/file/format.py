@@ -3,16 +3,17 @@
 One table version is one file. All integers are little-endian; every section starts on a
 4096-byte boundary so it can be mapped and paged independently::
 
-    [0, 4096)          header: immutable part (bytes 0..127, CRC-32 protected)
+    [0, 4096)          header: immutable part (bytes 0..119, CRC-32 at 120; version 2: 0..111, at 112)
                                mutable counters (bytes 128..191, one writer updates them)
     [index_offset)     hash index: slot_count x (key u64, row u64), linear probing;
                        row 0 = empty, 2**64-1 = tombstone, otherwise row index + 1
     [rows_offset)      row area: row_capacity x row_stride bytes; each row is
-                       int keys: seq u64 | key i64 | tag u64 | vector
+                       int keys: seq u64 | key i64 | [tag u64] | vector
                        str keys: seq u64 | xxh3 u64 | key offset u64 | key length u64 |
-                                 first 24 key bytes (zero padded) | tag u64 | vector
-                       tag: a word the writer sets with the vector (0 if none); compute on
-                       miss keeps model version << 32 | fill time (unix seconds) there
+                                 first 24 key bytes (zero padded) | [tag u64] | vector
+                       tag (tables made with tags=True, flag bit 0): a word the writer sets
+                       with the vector (0 if none); compute on miss keeps model version << 32 |
+                       fill time (unix seconds) there. vector: see codec.py
     [freelist_offset)  row_capacity x u64: stack of rows free for reuse
     [heap_offset)      str keys only: key bytes, append-only
 
@@ -35,6 +36,7 @@ from ..errors import (
     SchemaError,
     TruncatedTableError,
 )
+from .codec import QUANTIZED, stored_bytes
 
 __all__ = [
     "COUNTERS_OFFSET",
@@ -53,7 +55,10 @@ __all__ = [
 ]
 
 MAGIC: Final = b"EMBKVTB1"
-FORMAT_VERSION: Final = 2  # 2: rows carry a tag word (embkv < 0.2 wrote 1)
+# 3: the tag word only in tables made with tags=True (a flags word in the header), int8 and
+# bfloat16 rows; 2: every row carries a tag word (embkv 0.2); 1: embkv 0.1
+FORMAT_VERSION: Final = 3
+READABLE_VERSIONS: Final = (2, 3)  # a version-2 file reads and writes as a tagged version-3 one
 HEADER_SIZE: Final = 4096
 PAGE: Final = 4096
 COUNTERS_OFFSET: Final = 128
@@ -63,18 +68,23 @@ MAX_DIM: Final = 1 << 16
 INLINE_KEY: Final = 24  # string keys up to this length are also kept in their row (no heap read)
 MAX_CAPACITY: Final = 1 << 40
 
-DTypeName = Literal["float32", "float16", "float64"]
+DTypeName = Literal["float32", "float16", "float64", "int8", "bfloat16"]
 KeyType = Literal["int64", "str"]
 # dtype name -> code stored in the file; codes never change once released
-DTYPES: Final[dict[DTypeName, int]] = {"float32": 1, "float16": 2, "float64": 3}
+DTYPES: Final[dict[DTypeName, int]] = {"float32": 1, "float16": 2, "float64": 3, "int8": 4, "bfloat16": 5}
 KEY_TYPES: Final[dict[KeyType, int]] = {"int64": 1, "str": 2}
 _DTYPE_NAMES: Final[dict[int, DTypeName]] = {v: k for k, v in DTYPES.items()}
 _KEY_NAMES: Final[dict[int, KeyType]] = {v: k for k, v in KEY_TYPES.items()}
 
-# immutable header fields, in file order, starting at byte 0
-_IMMUTABLE = struct.Struct("<8sIIIIII QQQQ QQQQ QQ")
+# immutable header fields, in file order, starting at byte 0; version 3 appends flags and a
+# reserved word, so its CRC sits at 120 instead of 112
+_IMMUTABLE_V2 = struct.Struct("<8sIIIIII QQQQ QQQQ QQ")
+_IMMUTABLE = struct.Struct("<8sIIIIII QQQQ QQQQ QQ II")
 _CRC = struct.Struct("<I")
-_CRC_OFFSET: Final = _IMMUTABLE.size  # 112
+_CRC_OFFSET: Final = _IMMUTABLE.size  # 120
+_CRC_OFFSET_V2: Final = _IMMUTABLE_V2.size  # 112
+FLAG_TAGGED: Final = 1  # rows carry a u64 tag word at the end of the row header
+_KNOWN_FLAGS: Final = FLAG_TAGGED
 
 
 class Counter:
@@ -117,18 +127,27 @@ class Layout:
     heap_offset: int
     file_size: int
     created_ns: int = 0
+    tagged: bool = False
+    version: int = FORMAT_VERSION  # of the file this layout was read from (new files: the current one)
 
     @property
-    def np_dtype(self) -> np.dtype[np.floating]:
-        return np.dtype(self.dtype)
+    def out_dtype(self) -> np.dtype[np.floating]:
+        """The dtype of the vectors a read returns (float32 for int8 and bfloat16 rows)."""
+        return np.dtype(np.float32) if self.dtype in QUANTIZED else np.dtype(self.dtype)
 
     @property
     def vec_bytes(self) -> int:
-        return self.dim * self.np_dtype.itemsize
+        """Bytes of one stored vector (int8: its float32 scale, then the codes)."""
+        return stored_bytes(self.dtype, self.dim)
+
+    @property
+    def out_bytes(self) -> int:
+        """Bytes of one vector as a read returns it."""
+        return self.dim * self.out_dtype.itemsize
 
     @classmethod
     def plan(cls, dim: int, dtype: str, key_type: str, capacity: int, heap_capacity: int = 0,
-             created_ns: int = 0) -> Layout:
+             created_ns: int = 0, *, tagged: bool = False) -> Layout:
         """Lay out a new file for ``capacity`` rows (``heap_capacity`` bytes of string keys)."""
         if not isinstance(dim, (int, np.integer)) or not 0 < int(dim) <= MAX_DIM:
             raise SchemaError(f"dim must be an int in 1..{MAX_DIM}, got {dim!r}")
@@ -140,8 +159,9 @@ class Layout:
         if capacity > MAX_CAPACITY:
             raise SchemaError(f"capacity {capacity} exceeds the maximum {MAX_CAPACITY}")
         dim = int(dim)
-        row_header = 24 if key_type == "int64" else 40 + INLINE_KEY  # the last header word is the tag
-        vec_bytes = dim * np.dtype(dtype).itemsize
+        # int: seq | key; str: seq | hash | key offset | key length | inline key bytes; then the tag
+        row_header = (16 if key_type == "int64" else 32 + INLINE_KEY) + (8 if tagged else 0)
+        vec_bytes = stored_bytes(dtype, dim)
         row_stride = row_header + (vec_bytes + 7) // 8 * 8
         slot_count = _next_pow2(int(capacity / TARGET_LOAD) + 1)
         heap_capacity = 0 if key_type == "int64" else max(int(heap_capacity), 4096)
@@ -151,7 +171,7 @@ class Layout:
         heap_offset = _align(freelist_offset + capacity * 8)
         file_size = _align(heap_offset + heap_capacity)
         return cls(dim, dtype, key_type, capacity, slot_count, heap_capacity, row_header, row_stride,
-                   index_offset, rows_offset, freelist_offset, heap_offset, file_size, created_ns)
+                   index_offset, rows_offset, freelist_offset, heap_offset, file_size, created_ns, bool(tagged))
 
     def pack_header(self) -> bytes:
         """The header page of a fresh file (counters all zero)."""
@@ -159,7 +179,7 @@ class Layout:
             MAGIC, FORMAT_VERSION, HEADER_SIZE, self.dim, DTYPES[self.dtype], KEY_TYPES[self.key_type],
             self.row_header, self.row_stride, self.slot_count, self.row_capacity, self.heap_capacity,
             self.index_offset, self.rows_offset, self.freelist_offset, self.heap_offset, self.file_size,
-            self.created_ns,
+            self.created_ns, FLAG_TAGGED if self.tagged else 0, 0,
         )
         page = bytearray(HEADER_SIZE)
         page[: len(fixed)] = fixed
@@ -173,30 +193,37 @@ class Layout:
             if len(head) >= 5 and head[:5] == MAGIC[:5]:
                 raise FormatVersionError(f"{where}: unknown embkv file variant {head[:8]!r}")
             raise NotATableError(f"{where}: not an embkv table file (magic {head[:8]!r})")
-        if len(head) < _CRC_OFFSET + 4:
+        if len(head) < 12:
             raise TruncatedTableError(f"{where}: file ends inside its header ({actual_size} bytes)")
-        fields = _IMMUTABLE.unpack_from(head)
-        (_, version, header_size, dim, dtype_code, key_code, row_header, row_stride, slot_count,
-         row_capacity, heap_capacity, index_offset, rows_offset, freelist_offset, heap_offset, file_size,
-         created_ns) = fields
+        (version,) = struct.unpack_from("<I", head, 8)
         if version > FORMAT_VERSION:
             raise FormatVersionError(
                 f"{where}: written in format version {version}; this embkv reads up to {FORMAT_VERSION}. "
                 "Upgrade embkv to open it."
             )
-        if version < FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise FormatVersionError(
-                f"{where}: written in format version {version} (rows without tags); this embkv reads version "
-                f"{FORMAT_VERSION}. Export it with the embkv that wrote it and load it again."
+                f"{where}: written in format version {version} (rows without tags); this embkv reads versions "
+                f"{READABLE_VERSIONS[0]} to {FORMAT_VERSION}. Export it with the embkv that wrote it and load it again."
             )
-        (stored_crc,) = _CRC.unpack_from(head, _CRC_OFFSET)
-        if zlib.crc32(head[:_CRC_OFFSET]) != stored_crc:
+        fixed, crc_offset = (_IMMUTABLE, _CRC_OFFSET) if version >= 3 else (_IMMUTABLE_V2, _CRC_OFFSET_V2)
+        if len(head) < crc_offset + 4:
+            raise TruncatedTableError(f"{where}: file ends inside its header ({actual_size} bytes)")
+        fields = fixed.unpack_from(head)
+        (_, version, header_size, dim, dtype_code, key_code, row_header, row_stride, slot_count,
+         row_capacity, heap_capacity, index_offset, rows_offset, freelist_offset, heap_offset, file_size,
+         created_ns) = fields[:17]
+        flags = fields[17] if version >= 3 else FLAG_TAGGED  # every version-2 row has its tag word
+        (stored_crc,) = _CRC.unpack_from(head, crc_offset)
+        if zlib.crc32(head[:crc_offset]) != stored_crc:
             raise CorruptTableError(f"{where}: header checksum mismatch (the header is damaged)")
+        if flags & ~_KNOWN_FLAGS or (version < 3 and dtype_code > 3):
+            raise CorruptTableError(f"{where}: header fields out of range")
         if header_size != HEADER_SIZE or dtype_code not in _DTYPE_NAMES or key_code not in _KEY_NAMES:
             raise CorruptTableError(f"{where}: header fields out of range")
         try:
             expect = cls.plan(dim, _DTYPE_NAMES[dtype_code], _KEY_NAMES[key_code], row_capacity,
-                              heap_capacity, created_ns)
+                              heap_capacity, created_ns, tagged=bool(flags & FLAG_TAGGED))
         except SchemaError as exc:
             raise CorruptTableError(f"{where}: header describes an impossible table ({exc})") from None
         got = (row_header, row_stride, slot_count, index_offset, rows_offset, freelist_offset, heap_offset,
@@ -210,7 +237,7 @@ class Layout:
             raise TruncatedTableError(
                 f"{where}: file has {actual_size} bytes but its header needs {file_size} (truncated)"
             )
-        return expect
+        return dataclasses.replace(expect, version=version)
 
 
 def check_counters(counters: np.ndarray, layout: Layout, where: str = "table") -> None:

@@ -112,8 +112,8 @@ def unpack_str(packed: tuple[bytes, bytes, bytes]) -> list[str | bytes]:
     return out
 
 
-def as_vectors(vectors: Any, n: int, dim: int, dtype: np.dtype[Any]) -> np.ndarray:
-    """``vectors`` as a contiguous ``[n, dim]`` array of the table's dtype; SchemaError otherwise."""
+def as_vectors(vectors: Any, n: int, dim: int) -> np.ndarray:
+    """``vectors`` as a real ``[n, dim]`` array (not yet in the stored form); SchemaError otherwise."""
     try:
         arr = np.asarray(vectors)
     except (ValueError, TypeError) as exc:
@@ -124,7 +124,7 @@ def as_vectors(vectors: Any, n: int, dim: int, dtype: np.dtype[Any]) -> np.ndarr
         arr = arr.reshape(1, -1)
     if arr.shape != (n, dim):
         raise SchemaError(f"vectors must have shape ({n}, {dim}), got {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return arr
 
 
 def default_row(default: Any, dim: int, dtype: np.dtype[Any]) -> bytes:

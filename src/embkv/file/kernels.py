@@ -21,6 +21,7 @@ import numpy as np
 import xxhash
 
 from ..errors import CorruptTableError, KernelFallbackWarning, ReadRetryError
+from .codec import QUANTIZED, decode_rows
 from .format import COUNTERS_OFFSET, INLINE_KEY, MAX_LOAD, Counter, Layout
 
 __all__ = ["KERNEL_BACKEND", "KernelView", "make_view", "mix64", "pack_str"]
@@ -121,7 +122,7 @@ class NumpyView:
         rows = raw[layout.rows_offset : layout.rows_offset + layout.row_capacity * layout.row_stride]
         self.rows = rows.reshape(layout.row_capacity, layout.row_stride)
         self.meta = self.rows[:, : layout.row_header].view(np.uint64)
-        self.tag_word = layout.row_header // 8 - 1
+        self.tag_word = layout.row_header // 8 - 1 if layout.tagged else 0  # 0: rows keep no tag
         self.vecs = self.rows[:, layout.row_header : layout.row_header + layout.vec_bytes]
         self.freelist = raw[layout.freelist_offset : layout.freelist_offset + 8 * layout.row_capacity].view(
             np.uint64)
@@ -189,8 +190,8 @@ class NumpyView:
         found_arr = np.frombuffer(found, dtype=np.uint8)
         tags_arr = None if tags is None else np.frombuffer(tags, dtype=np.uint64)
         row_tags = np.zeros(len(slotkeys), dtype=np.uint64)
-        out_arr = None if out is None else np.frombuffer(out, dtype=np.uint8).reshape(
-            len(slotkeys), self.layout.vec_bytes)
+        lay = self.layout
+        out_arr = None if out is None else np.frombuffer(out, dtype=np.uint8).reshape(len(slotkeys), lay.out_bytes)
         todo = np.arange(len(slotkeys))
         for _ in range(_SPIN_ROUNDS):
             sub_exact = functools.partial(_exact_subset, exact, todo)
@@ -199,8 +200,11 @@ class NumpyView:
             seq1 = np.zeros(len(todo), dtype=np.uint64)
             seq1[hit] = self.meta[rows[hit], 0]
             if out_arr is not None:
-                out_arr[todo[hit]] = self.vecs[rows[hit]]
-            row_tags[todo[hit]] = self.meta[rows[hit], self.tag_word]
+                stored = self.vecs[rows[hit]]
+                out_arr[todo[hit]] = (stored if lay.dtype not in QUANTIZED
+                                      else decode_rows(stored, lay.dtype, lay.dim).view(np.uint8))
+            if self.tag_word:
+                row_tags[todo[hit]] = self.meta[rows[hit], self.tag_word]
             key_ok = np.ones(len(todo), dtype=np.bool_)
             key_ok[hit] = exact(todo[hit], rows[hit])
             seq2 = np.zeros(len(todo), dtype=np.uint64)
@@ -369,7 +373,7 @@ class NumpyView:
         j, found = self._probe(slotkey, start, key_bytes)
         r = self._alloc_row()
         if key_bytes is None:
-            self._write_row(r, [slotkey, tag], vec)
+            self._write_row(r, [slotkey, tag] if self.tag_word else [slotkey], vec)
         else:
             if found:
                 off = int(self.meta[int(self.slots[j, 1]) - 1, 2])
@@ -378,7 +382,8 @@ class NumpyView:
                 self.heap[off : off + len(key_bytes)] = np.frombuffer(key_bytes, dtype=np.uint8)
                 self.ctr[Counter.HEAP_USED] += np.uint64(len(key_bytes))
             inline = np.frombuffer(key_bytes[:INLINE_KEY].ljust(INLINE_KEY, b"\0"), dtype=np.uint64).tolist()
-            self._write_row(r, [slotkey, off, len(key_bytes), *inline, tag], vec)
+            meta = [slotkey, off, len(key_bytes), *inline]
+            self._write_row(r, [*meta, tag] if self.tag_word else meta, vec)
         if found:
             old = int(self.slots[j, 1]) - 1
             self.slots[j, 1] = r + 1
@@ -499,6 +504,9 @@ KERNEL_BACKEND: Literal["c", "numpy"] = "c" if _C_KERNELS is not None else "nump
 pack_str = _C_KERNELS.pack_str if _C_KERNELS is not None else _pack_str_py
 
 
+_QUANT_CODES = {"int8": 1, "bfloat16": 2}  # QUANT_INT8, QUANT_BF16 in _kernels.c
+
+
 def make_view(buf: Any, writable: bool, layout: Layout) -> KernelView:
     """Wrap a mapped file in the best available kernel backend."""
     if _C_KERNELS is None:
@@ -506,6 +514,7 @@ def make_view(buf: Any, writable: bool, layout: Layout) -> KernelView:
     view: KernelView = _C_KERNELS.View(
         buf, writable, 1 if layout.key_type == "int64" else 2, layout.slot_count, layout.row_capacity,
         layout.heap_capacity, layout.index_offset, layout.rows_offset, layout.freelist_offset,
-        layout.heap_offset, layout.row_stride, layout.row_header, layout.vec_bytes,
+        layout.heap_offset, layout.row_stride, layout.row_header, layout.vec_bytes, layout.dim,
+        _QUANT_CODES.get(layout.dtype, 0), layout.tagged,
     )
     return view

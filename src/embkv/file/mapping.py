@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptTableError, SchemaError, TableNotFoundError
+from .codec import QUANTIZED
 from .format import COUNTERS_OFFSET, HEADER_SIZE, Counter, Layout, check_counters
 from .kernels import SLOT_EMPTY, SLOT_TOMB, KernelView, make_view
 from .publish import is_memory_path
@@ -27,6 +28,7 @@ __all__ = [
     "Mapping",
     "Progress",
     "build_version",
+    "bytes_per_row",
     "copy_version",
     "create_allocated",
     "export_live",
@@ -121,7 +123,10 @@ def create_allocated(path: str, size: int) -> int:
 
 
 def put_packed(view: KernelView, layout: Layout, keys: Any, vectors: np.ndarray, tags: np.ndarray | None) -> bool:
-    """Upsert packed keys through the kernel; False (nothing written) if the version has no room."""
+    """Upsert packed keys and stored vectors through the kernel; False (nothing written) if the version has no room.
+
+    ``tags`` are ignored by a table whose rows keep no tag word.
+    """
     if layout.key_type == "int64":
         return view.put_int(keys, vectors, tags)
     hashes, offsets, blob = keys
@@ -190,14 +195,21 @@ def slot_rows(slots: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray,
 
 
 def row_vectors(m: Mapping, rows: np.ndarray) -> np.ndarray:
-    """The vectors of ``rows``, copied, in the table's dtype."""
+    """The stored vectors of ``rows``, copied: float rows in their dtype, int8/bfloat16 rows as raw bytes.
+
+    What a new version is built from (growth, repair); :func:`embkv.file.codec.decode_rows`
+    turns them into what a read returns.
+    """
     lay = m.layout
-    return m.rows()[rows, lay.row_header : lay.row_header + lay.vec_bytes].copy().view(lay.np_dtype)
+    raw = m.rows()[rows, lay.row_header : lay.row_header + lay.vec_bytes].copy()
+    return raw if lay.dtype in QUANTIZED else raw.view(lay.dtype)
 
 
 def row_tags(m: Mapping, rows: np.ndarray) -> np.ndarray:
     """The tag word of each of ``rows`` (the last word of the row header), copied."""
     lay = m.layout
+    if not lay.tagged:
+        return np.zeros(len(rows), dtype=np.uint64)
     return np.ascontiguousarray(m.rows()[rows, lay.row_header - 8 : lay.row_header]).view(np.uint64).reshape(-1)
 
 
@@ -224,3 +236,28 @@ def live_keys(m: Mapping) -> Any:
     if m.layout.key_type == "int64":
         return slots[live, 0].view(np.int64).copy()
     return m.view.export_str(rows[in_range])
+
+
+def bytes_per_row(m: Mapping) -> dict[str, float]:
+    """Where the bytes of this version go, per live row: what ``info()["bytes_per_row"]`` reports.
+
+    ``vector`` is the stored vector (int8: codes and scale); ``row_header`` the row's own words
+    (sequence, key fields, tag) plus padding to 8 bytes; ``index`` the hash slots; ``spare`` rows
+    allocated but not live (free or never used); ``free_list`` its stack; ``key_heap`` string
+    key bytes; ``overhead`` all but the vector, and ``total`` the whole file over the live rows.
+    With no live row every share is counted over one row.
+    """
+    lay = m.layout
+    live = max(1, int(m.counters[Counter.LIVE]))
+    spare_rows = lay.row_capacity - int(m.counters[Counter.LIVE])
+    shares = {
+        "vector": float(lay.vec_bytes),
+        "row_header": float(lay.row_stride - lay.vec_bytes),
+        "index": lay.slot_count * 16 / live,
+        "spare": spare_rows * lay.row_stride / live,
+        "free_list": lay.row_capacity * 8 / live,
+        "key_heap": lay.heap_capacity / live,
+        "total": lay.file_size / live,
+    }
+    shares["overhead"] = shares["total"] - shares["vector"]
+    return {k: round(v, 2) for k, v in shares.items()}

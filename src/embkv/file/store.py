@@ -20,7 +20,8 @@ from ..errors import (
     TableExistsError,
     TableNotFoundError,
 )
-from .format import DTYPES, KEY_TYPES, DTypeName, KeyType, Layout
+from .codec import encode_rows
+from .format import DTYPES, FORMAT_VERSION, KEY_TYPES, DTypeName, KeyType, Layout
 from .inputs import as_int_keys, as_str_keys
 from .mapping import Chunk, Progress, build_version, copy_version
 from .publish import TABLE_SUFFIX, check_name, is_memory_path, remove_stale_temps, temp_path
@@ -33,6 +34,7 @@ __all__ = ["Store", "open_store"]
 DTypeArg = DTypeName | np.dtype[Any] | type[np.floating[Any]]
 DEFAULT_CAPACITY = 1024
 LOAD_CHUNK = 65536  # rows per kernel call when a version is built from a source
+LOAD_HEADROOM = 32  # a bulk load leaves 1/32 of its rows spare
 DEFAULT_LOCK_TIMEOUT = 30.0
 
 
@@ -120,24 +122,30 @@ class Store:
             raise ReadOnlyError(f"store {self.path} was opened read-only")
 
     def create_table(self, name: str, dim: int, dtype: DTypeArg = "float32", key_type: KeyType = "int64", *,
-                     capacity: int = DEFAULT_CAPACITY, exist_ok: bool = False) -> Table:
-        """Create an empty table. ``dtype``: float32, float16 or float64; ``key_type``: int64 or str.
+                     capacity: int = DEFAULT_CAPACITY, exist_ok: bool = False, tags: bool = False) -> Table:
+        """Create an empty table. ``key_type``: int64 or str.
 
-        ``capacity`` is only a starting size: tables grow as rows are added.
-        With ``exist_ok=True`` an existing table of the same schema is returned instead of an error.
+        ``dtype``: how vectors are stored: ``float32``, ``float16``, ``float64``, or ``bfloat16``
+        and ``int8`` (one scale per row, error at most scale / 2 per element), which reads return
+        as float32 (see :mod:`embkv.file.codec`). ``tags=True``: every row keeps a u64 tag
+        (``put(..., tags=)``, ``get_tagged``, ``get_fresh``; compute on miss needs it), 8 bytes
+        per row. ``capacity`` is only a starting size: tables grow as rows are added. With
+        ``exist_ok=True`` an existing table of the same schema is returned instead of an error.
         """
         self._require_writable()
         dtype = _dtype_name(dtype)
         layout = Layout.plan(dim, dtype, key_type, capacity, heap_capacity=32 * max(16, capacity),
-                             created_ns=time.time_ns())
+                             created_ns=time.time_ns(), tagged=tags)
         path = self._table_path(name)
         if os.path.exists(path):
             if not exist_ok:
                 raise TableExistsError(f"table {name!r} already exists in {self.path}")
             table = self[name]
-            if (table.dim, table.dtype.name, table.key_type) != (layout.dim, dtype, key_type):
+            if (table.dim, table.stored_dtype, table.key_type, table.tagged) != (layout.dim, dtype, key_type,
+                                                                                 layout.tagged):
                 raise SchemaError(
-                    f"table {name!r} exists with dim={table.dim} dtype={table.dtype} keys={table.key_type}"
+                    f"table {name!r} exists with dim={table.dim} dtype={table.stored_dtype} keys={table.key_type} "
+                    f"tags={table.tagged}"
                 )
             return table
         # build under a temporary name and link it in: a concurrent creator loses cleanly
@@ -156,7 +164,7 @@ class Store:
 
     def load_table(self, name: str, keys: Any, vectors: Any = None, *, dtype: DTypeArg | None = None,
                    key_column: str = "key", vector_column: str = "vector", capacity: int | None = None,
-                   progress: Progress | None = None) -> Table:
+                   progress: Progress | None = None, tags: bool | None = None) -> Table:
         """Build a whole new version of a table in one pass and publish it atomically.
 
         Sources: ``keys`` and ``vectors`` as arrays (or lists); paths to ``.npy`` files (memory-mapped,
@@ -186,19 +194,24 @@ class Store:
                     f"table {name!r} has dim={existing.dim} keys={existing.key_type}; the data has "
                     f"dim={vectors.shape[1]} keys={key_type}. Drop the table to change its schema."
                 )
-            dtype_name = _dtype_name(existing.dtype if dtype is None else dtype)
-            if dtype_name != existing.dtype.name:
-                raise SchemaError(f"table {name!r} stores {existing.dtype}, not {dtype_name}")
+            dtype_name = existing.stored_dtype if dtype is None else _dtype_name(dtype)
+            if dtype_name != existing.stored_dtype:
+                raise SchemaError(f"table {name!r} stores {existing.stored_dtype}, not {dtype_name}")
+            if tags is not None and tags != existing.tagged:
+                raise SchemaError(f"table {name!r} has tags={existing.tagged}; drop it to change that")
         else:
             dtype_name = _dtype_name(dtype if dtype is not None else _default_dtype(vectors.dtype))
         chunks, heap_bytes = _chunks(keys, vectors, key_type, dtype_name)
-        cap = max(capacity or 0, n + n // 8, DEFAULT_CAPACITY)
+        # sized to the data: a little headroom for the updates that follow (each takes a fresh row
+        # before it frees the old one), not a doubling that the memory would pay for
+        cap = max(capacity or 0, n + n // LOAD_HEADROOM, DEFAULT_CAPACITY)
+        tagged = existing.tagged if existing is not None else bool(tags)
         layout = Layout.plan(vectors.shape[1], dtype_name, key_type, cap,
-                             heap_capacity=heap_bytes + heap_bytes // 8 + 32 * (cap - n),
-                             created_ns=time.time_ns())
+                             heap_capacity=heap_bytes + heap_bytes // LOAD_HEADROOM + 32 * (cap - n),
+                             created_ns=time.time_ns(), tagged=tagged)
         if existing is None:
             existing = self.create_table(name, vectors.shape[1], dtype_name, key_type, capacity=16,
-                                         exist_ok=True)
+                                         exist_ok=True, tags=tagged)
         with existing.write_session() as session:
             session.publish(layout, chunks, progress)
         return existing
@@ -236,6 +249,21 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return target[dest_name]
+
+    def upgrade_table(self, name: str) -> bool:
+        """Rewrite a table written in an older format version in the current one; True if it did.
+
+        The rows are copied into a new version that is published atomically, like
+        ``load_table``: readers keep reading and switch on their next call, and every key
+        keeps its vector and tag. A table already in the current format is left alone.
+        """
+        self._require_writable()
+        table = self[name]
+        with table.write_session() as session:
+            if session.mapping.layout.version >= FORMAT_VERSION:
+                return False
+            session.rebuild()
+        return True
 
     def drop_table(self, name: str) -> None:
         """Delete a table. Readers that still hold it get TableNotFoundError on their next call."""
@@ -280,6 +308,8 @@ def open_store(path: str | os.PathLike[str], readonly: bool = False,
 
 
 def _dtype_name(dtype: Any) -> DTypeName:
+    if isinstance(dtype, str) and dtype == "bfloat16":  # no numpy dtype of that name
+        return "bfloat16"
     try:
         name = np.dtype(dtype).name
     except TypeError:
@@ -290,7 +320,11 @@ def _dtype_name(dtype: Any) -> DTypeName:
 
 
 def _default_dtype(dt: np.dtype[Any]) -> DTypeName:
-    return _dtype_name(dt) if dt.name in DTYPES else "float32"
+    """What a new table stores when the caller did not say: the data's float type, else float32.
+
+    Integer data (int8 included) is stored as float32: quantized storage is chosen by name.
+    """
+    return _dtype_name(dt) if dt.kind == "f" and dt.name in DTYPES else "float32"
 
 
 def _read_source(keys: Any, vectors: Any, key_column: str, vector_column: str) -> tuple[Any, np.ndarray]:
@@ -371,7 +405,7 @@ def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[
         def gen_int() -> Iterator[Chunk]:
             for lo in range(0, n, LOAD_CHUNK):
                 hi = min(n, lo + LOAD_CHUNK)
-                yield packed_int[lo:hi], np.ascontiguousarray(vectors[lo:hi], dtype=dtype), None
+                yield packed_int[lo:hi], encode_rows(vectors[lo:hi], dtype), None
 
         return gen_int(), 0
     if isinstance(keys, np.ndarray):
@@ -381,6 +415,6 @@ def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[
 
     def gen_str() -> Iterator[Chunk]:
         for i, lo in enumerate(range(0, n, LOAD_CHUNK)):
-            yield packed[i], np.ascontiguousarray(vectors[lo : lo + LOAD_CHUNK], dtype=dtype), None
+            yield packed[i], encode_rows(vectors[lo : lo + LOAD_CHUNK], dtype), None
 
     return gen_str(), heap

@@ -19,10 +19,11 @@ import numpy as np
 
 from ..errors import CorruptTableError, KeyTypeError, ReadOnlyError, SchemaError, StorageError, TableClosedError
 from ..interface import Capabilities
-from .format import Counter, KeyType
+from .codec import QUANTIZED, decode_rows, encode_rows
+from .format import Counter, DTypeName, KeyType
 from .inputs import as_int_keys, as_str_keys, as_tags, as_vectors, default_row, lookup_keys, unpack_str
 from .kernels import KERNEL_BACKEND, KernelView
-from .mapping import Mapping, export_live, live_keys, put_packed
+from .mapping import Mapping, bytes_per_row, export_live, live_keys, put_packed
 from .publish import is_memory_path
 from .wal import DELETE_INT, DELETE_STR, PUT_INT, PUT_STR, SyncPolicy
 from .writer import CurrentVersion, TableWriter, WriteSession
@@ -50,8 +51,6 @@ class Table:
         self.path = path
         self.readonly = readonly
         self.durable = not is_memory_path(path)
-        self.capabilities = Capabilities(writable=not readonly, durable=self.durable, tagged=True,
-                                         shared_across_processes=True)
         try:
             self._version = CurrentVersion(path, name, writable=not readonly, on_switch=self._adopt)
         except PermissionError as exc:
@@ -76,11 +75,15 @@ class Table:
         """Keep what the hot path reads at hand for the newly mapped version ``m``."""
         lay = m.layout
         self.dim: int = lay.dim
-        self.dtype: np.dtype[Any] = lay.np_dtype
+        self.dtype: np.dtype[Any] = lay.out_dtype  # of what reads return (float32 for int8, bfloat16)
+        self.stored_dtype: DTypeName = lay.dtype
         self.key_type: KeyType = lay.key_type
+        self.tagged: bool = lay.tagged
+        self.capabilities = Capabilities(writable=not self.readonly, durable=self.durable, tagged=lay.tagged,
+                                         shared_across_processes=True)
         self._view: KernelView = m.view
         self._int_keys = lay.key_type == "int64"
-        self._vec_bytes = lay.vec_bytes
+        self._vec_bytes = lay.out_bytes
 
     # ---------------------------------------------------------------- schema
 
@@ -133,20 +136,24 @@ class Table:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self)} rows"
-        return f"<embkv.Table {self.name!r} dim={self.dim} {self.dtype} keys={self.key_type} {state}>"
+        return f"<embkv.Table {self.name!r} dim={self.dim} {self.stored_dtype} keys={self.key_type} {state}>"
 
     def info(self) -> dict[str, Any]:
         """Schema, counts and file layout of the current version, as a plain dict."""
         m = self._current()
         c = m.counters
         lay = m.layout
+        live = int(c[Counter.LIVE])
         return {
             "name": self.name, "path": self.path, "dim": lay.dim, "dtype": lay.dtype,
-            "key_type": lay.key_type, "rows": int(c[Counter.LIVE]), "capacity": lay.row_capacity,
+            "read_dtype": lay.out_dtype.name, "key_type": lay.key_type, "tagged": lay.tagged,
+            "rows": live, "capacity": lay.row_capacity,
             "index_slots": lay.slot_count, "deleted_slots": int(c[Counter.TOMBS]),
+            "load_factor": round((live + int(c[Counter.TOMBS])) / lay.slot_count, 4),
             "free_rows": int(c[Counter.FREE]), "rows_used": int(c[Counter.ROWS_USED]),
             "key_heap_bytes": f"{int(c[Counter.HEAP_USED])}/{lay.heap_capacity}",
-            "file_bytes": lay.file_size, "generation": int(c[Counter.GENERATION]),
+            "file_bytes": lay.file_size, "bytes_per_row": bytes_per_row(m),
+            "generation": int(c[Counter.GENERATION]), "format_version": lay.version,
             "memory_only": not self.durable, "kernel": KERNEL_BACKEND,
         }
 
@@ -298,6 +305,8 @@ class Table:
             keys, vectors, _tags = export_live(session.mapping)
         if not self._int_keys:
             keys = unpack_str(keys)
+        if self.stored_dtype in QUANTIZED:
+            vectors = decode_rows(vectors, self.stored_dtype, self.dim)
         return keys, vectors
 
     # ---------------------------------------------------------------- writes
@@ -326,7 +335,9 @@ class Table:
         n = k.shape[0] if self._int_keys else len(k[0]) // 8
         if n == 0:
             return  # an empty batch is a no-op whatever the vectors look like
-        vecs = as_vectors(vectors, n, self.dim, self.dtype)
+        if tags is not None and not self.tagged:
+            raise SchemaError(f"table {self.name!r} keeps no row tags: create it with tags=True to store them")
+        vecs = encode_rows(as_vectors(vectors, n, self.dim), self.stored_dtype)
         row_tags = as_tags(tags, n)
         # the log keeps the tags beside the keys, so a replayed batch restores them too
         if self._int_keys:

@@ -282,7 +282,7 @@ class TableWriter:
             heap_needed = len(keys[2]) + extra_heap
             heap = lay.heap_capacity if heap_needed <= lay.heap_capacity else max(2 * lay.heap_capacity,
                                                                                   heap_needed * 5 // 4)
-        new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, capacity, heap, time.time_ns())
+        new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, capacity, heap, time.time_ns(), tagged=lay.tagged)
         self._publish(new_layout, iter([(keys, vectors, tags)]) if live else iter(()))
 
     def _publish(self, layout: Layout, chunks: Iterator[Chunk], progress: Progress | None = None) -> None:
@@ -392,6 +392,11 @@ class WriteSession:
     def publish(self, layout: Layout, chunks: Iterator[Chunk], progress: Progress | None = None) -> None:
         """Build a whole new version from ``chunks`` and publish it atomically."""
         self._held()._publish(layout, chunks, progress)
+
+    def rebuild(self, extra_rows: int = 0, extra_heap: int = 0) -> None:
+        """Copy the live rows into a fresh version in the current format (compacted) and publish it."""
+        w = self._held()
+        w._rebuild(self.mapping, extra_rows=extra_rows, extra_heap=extra_heap)
 
     def install(self, complete_file: str) -> None:
         """Make a complete, synced table file (built elsewhere, e.g. a copy) the current version."""

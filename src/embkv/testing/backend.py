@@ -23,7 +23,7 @@ from ..file.store import open_store
 from ..interface import EmbeddingTable
 from .data import check_vectors, encode
 
-__all__ = ["BAD_INT_WRITES", "BAD_STR_WRITES", "BackendTests", "TableFactory", "open_store_table"]
+__all__ = ["BAD_INT_WRITES", "BAD_STR_WRITES", "BAD_TAG_WRITES", "BackendTests", "TableFactory", "open_store_table"]
 
 HIT, OOV, STALE = 0, 1, 2  # embkv.HIT / OOV / STALE (the kernels' statuses)
 INT64_MIN = int(np.iinfo(np.int64).min)
@@ -39,10 +39,14 @@ BYTES_KEYS: list[str | bytes] = [b"\xff", b"\xff\x00", b"\xfe\xff\x00\x01", b"\x
 
 
 class TableFactory(Protocol):
-    """Makes a fresh, empty, writable table (a new one on every call)."""
+    """Makes a fresh, empty, writable table (a new one on every call).
+
+    ``tagged=True`` asks for rows that keep a tag; a kind that has none returns an untagged
+    table (``capabilities.tagged`` False) and the tag tests skip.
+    """
 
     def __call__(self, key_type: Literal["int64", "str"] = "int64", dim: int = 16,
-                 dtype: str = "float32") -> EmbeddingTable: ...
+                 dtype: str = "float32", tagged: bool = False) -> EmbeddingTable: ...
 
 
 def open_store_table(path: str, name: str, readonly: bool = True) -> EmbeddingTable:
@@ -79,6 +83,10 @@ BAD_INT_WRITES: dict[str, tuple[Call, type[EmbkvError]]] = {
     "delete str keys": (lambda t: t.delete(["1"]), KeyTypeError),
     "delete float keys": (lambda t: t.delete([1.0, 2.0]), KeyTypeError),
     "delete 2-d keys": (lambda t: t.delete(np.array([[1, 2]])), KeyTypeError),
+}
+
+# on a table that keeps tags (an untagged one refuses every tag with SchemaError)
+BAD_TAG_WRITES: dict[str, tuple[Call, type[EmbkvError]]] = {
     "negative tags": (lambda t: t.put([1, 2], np.ones((2, 4)), tags=[-1, 0]), SchemaError),
     "float tags": (lambda t: t.put([1, 2], np.ones((2, 4)), tags=[1.5, 2.0]), SchemaError),
     "too many tags": (lambda t: t.put([1, 2], np.ones((2, 4)), tags=[1, 2, 3]), SchemaError),
@@ -134,6 +142,8 @@ class BackendTests:
         """Override with a fixture that yields a :class:`TableFactory` and cleans up after."""
         raise NotImplementedError("a BackendTests subclass overrides the make_table fixture")
         yield  # pragma: no cover
+
+    quantized_dtypes: tuple[str, ...] = ()  # stored dtypes read back as float32 that this kind offers
 
     def reader_opener(self, table: EmbeddingTable) -> Callable[[], EmbeddingTable] | None:
         """A picklable callable that opens ``table`` read-only in another process (None: not possible)."""
@@ -398,7 +408,7 @@ class BackendTests:
     def test_export_of_empty_table(self, make_table: TableFactory) -> None:
         t = make_table(dim=3)
         keys, vectors = t.export()
-        assert len(keys) == 0 and vectors.shape == (0, 3)
+        assert isinstance(keys, np.ndarray) and keys.shape == (0,) and vectors.shape == (0, 3)
         s = make_table(dim=3, key_type="str")
         keys, vectors = s.export()
         assert list(keys) == [] and vectors.shape == (0, 3)
@@ -445,7 +455,7 @@ class BackendTests:
     @pytest.mark.parametrize("key_type", ["int64", "str"])
     def test_row_tags_roundtrip_and_follow_every_rewrite(self, make_table: TableFactory,
                                                          key_type: Literal["int64", "str"]) -> None:
-        t = make_table(dim=4, key_type=key_type)
+        t = make_table(dim=4, key_type=key_type, tagged=True)
         self._needs_tags(t)
         keys: list[Any] = [5, 6, 7] if key_type == "int64" else ["a", "b" * 40, "c"]
         t.put(keys, encode([1, 2, 3], 1, 4), tags=[1, 2**64 - 1, 0])
@@ -463,7 +473,7 @@ class BackendTests:
         assert t.get_tagged(more)[2].tolist() == list(range(1000, 1040))
 
     def test_get_fresh_classifies_by_version_and_age(self, make_table: TableFactory) -> None:
-        t = make_table(dim=2)
+        t = make_table(dim=2, tagged=True)
         self._needs_tags(t)
         now = time.time()
         t.put([1, 2, 3, 4], np.ones((4, 2)), tags=[make_tag(1, now), make_tag(2, now - 1000), make_tag(2, now), 0])
@@ -496,6 +506,49 @@ class BackendTests:
         with pytest.raises(exc):
             call(t)
         assert self.state(t) == before
+
+    @pytest.mark.parametrize("case", list(BAD_TAG_WRITES))
+    def test_bad_tags_change_nothing(self, make_table: TableFactory, case: str) -> None:
+        t = make_table(dim=4, tagged=True)
+        self._needs_tags(t)
+        t.put(np.arange(20), np.arange(80).reshape(20, 4), tags=7)
+        call, exc = BAD_TAG_WRITES[case]
+        before = self.state(t)
+        with pytest.raises(exc, match="tags"):
+            call(t)
+        assert self.state(t) == before
+
+    def test_untagged_table_reads_tags_as_zero_and_refuses_them(self, make_table: TableFactory) -> None:
+        t = make_table(dim=4)
+        if t.capabilities.tagged:
+            pytest.skip("this kind keeps a tag in every row")
+        t.put([1, 2], np.ones((2, 4)))
+        _, found, tags = t.get_tagged([1, 2, 3])
+        assert found.tolist() == [True, True, False] and tags.tolist() == [0, 0, 0]
+        assert t.get_fresh([1, 3], min_version=5)[1].tolist() == [HIT, OOV]  # untagged rows are fresh
+        before = self.state(t)
+        with pytest.raises(SchemaError, match="tags"):
+            t.put([1], np.zeros((1, 4)), tags=[9])
+        assert self.state(t) == before
+
+    @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+    def test_quantized_rows_read_back_within_their_error_bound(self, make_table: TableFactory, dtype: str) -> None:
+        if dtype not in self.quantized_dtypes:
+            pytest.skip(f"this kind does not store {dtype}")
+        t = make_table(dim=33, dtype=dtype)
+        assert t.dtype == np.float32  # reads return float32
+        x = np.random.default_rng(7).standard_normal((300, 33)).astype(np.float32) * np.float32(3)
+        x[0] = 0  # an all-zero row: scale 0
+        x[1, :] = 1e-30  # tiny values
+        t.put(np.arange(300), x)
+        got, found = t.get(np.arange(301))
+        assert found.tolist() == [True] * 300 + [False] and got.dtype == np.float32
+        # int8: half a step of the row's scale; bfloat16 keeps 8 significant bits (at most 2**-9 off)
+        bound = np.abs(x).max(axis=1, keepdims=True) / 127 / 2 if dtype == "int8" else np.abs(x) * 2.0**-8
+        assert (np.abs(got[:300] - x) <= bound * (1 + 1e-6) + 1e-37).all()
+        assert not got[0].any()
+        keys, exported = t.export()
+        np.testing.assert_array_equal(exported[np.argsort(keys)], got[:300])  # export reads what get reads
 
     @pytest.mark.parametrize("case", list(BAD_STR_WRITES))
     def test_bad_write_to_str_table_changes_nothing(self, make_table: TableFactory, case: str) -> None:
