@@ -264,11 +264,11 @@ static inline void copy_vec(View *v, char *dst, const char *src)
             out[j] = (float)codes[j] * scale;
         return;
     }
+    /* bfloat16 is the top half of a float32: widen the bits (a loop the compiler vectorizes) */
     const uint16_t *half = (const uint16_t *)src;
-    for (uint64_t j = 0; j < v->dim; j++) {
-        uint32_t bits = (uint32_t)half[j] << 16;
-        memcpy(&out[j], &bits, 4);
-    }
+    uint32_t *bits = (uint32_t *)dst;
+    for (uint64_t j = 0; j < v->dim; j++)
+        bits[j] = (uint32_t)half[j] << 16;
 }
 
 static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *tag_out)
