@@ -320,10 +320,6 @@ def test_close_unmaps_the_file(store):
     t.close()
     assert mapped_files(store.path) == []
 
-
-# ------------------------------------------------------------------ against a model
-
-
 # ---------------------------------------------------------------- row tags
 
 
@@ -334,46 +330,3 @@ def test_tags_survive_reopen_and_copy(store, store_path):
     with embkv.open(store_path, readonly=True) as again:
         assert again["t"].get_tagged([1, 2])[2].tolist() == [11, 22]
         assert again["t2"].get_tagged([2, 1])[2].tolist() == [22, 11]
-
-
-# ------------------------------------------------------------------ against a model
-
-
-@pytest.mark.parametrize("key_type", ["int64", "str"])
-def test_random_operations_with_loads_match_a_dict(store, key_type):
-    """Seeded random put/delete/get with whole-table loads between them, checked against a dict.
-
-    (The contract suite runs the same without loads; loads are the file store's.)"""
-    rng = np.random.default_rng(2024)
-    t = store.create_table("t", dim=3, key_type=key_type, capacity=16)
-    model: dict = {}
-
-    def make_keys(n: int) -> list:
-        ids = rng.integers(0, 300, size=n).tolist()
-        return ids if key_type == "int64" else [f"k{i}" + "\x00" * (i % 3) for i in ids]
-
-    for step in range(300):
-        op = rng.choice(["put", "put", "delete", "get", "load"], p=[0.4, 0.2, 0.2, 0.18, 0.02])
-        keys = make_keys(int(rng.integers(0, 40)))
-        if op == "put":
-            vecs = rng.integers(-1000, 1000, size=(len(keys), 3)).astype(np.float32)
-            t.put(keys, vecs)
-            for k, v in zip(keys, vecs, strict=True):
-                model[k] = v.tolist()
-        elif op == "delete":
-            assert t.delete(keys) == len(set(keys) & model.keys())
-            for k in keys:
-                model.pop(k, None)
-        elif op == "load":
-            vecs = rng.integers(-1000, 1000, size=(len(keys), 3)).astype(np.float32)
-            if keys:
-                store.load_table("t", keys, vecs)
-                model = {k: v.tolist() for k, v in zip(keys, vecs, strict=True)}
-        vectors, found = t.get(keys) if keys else (np.empty((0, 3)), np.empty(0, bool))
-        assert found.tolist() == [k in model for k in keys], f"step {step} ({op})"
-        assert [v for v, f in zip(vectors.tolist(), found, strict=True) if f] == [model[k] for k in keys
-                                                                                 if k in model]
-        assert len(t) == len(model)
-    exported_keys, exported = t.export()
-    assert {k: v.tolist() for k, v in zip(list(exported_keys), exported, strict=True)} == model
-    check_accounting(t)

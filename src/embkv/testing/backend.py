@@ -149,6 +149,10 @@ class BackendTests:
         """A picklable callable that opens ``table`` read-only in another process (None: not possible)."""
         return None
 
+    def replace_all(self, table: EmbeddingTable, keys: Any, vectors: np.ndarray) -> bool:
+        """Replace ``table``'s whole content with these rows in one step; False if this kind cannot."""
+        return False
+
     def state(self, table: EmbeddingTable) -> object:
         """Everything a failed call must leave as it was (subclasses add what their kind has)."""
         keys, vectors = table.export()
@@ -416,7 +420,11 @@ class BackendTests:
     @pytest.mark.parametrize("key_type", ["int64", "str"])
     def test_random_operations_match_a_dict(self, make_table: TableFactory,
                                             key_type: Literal["int64", "str"]) -> None:
-        """Seeded random batches of put/delete/get on a small table, checked against a dict."""
+        """Seeded random batches of put/delete/get on a small table, checked against a dict.
+
+        Now and then the whole content is replaced in one step, where the kind can
+        (:meth:`replace_all`, a bulk load).
+        """
         rng = np.random.default_rng(2024)
         t = make_table(dim=3, key_type=key_type)
         model: dict[Any, list[float]] = {}
@@ -426,7 +434,7 @@ class BackendTests:
             return list(ids) if key_type == "int64" else [f"k{i}" + "\x00" * (i % 3) for i in ids]
 
         for step in range(300):
-            op = rng.choice(["put", "put", "delete", "get"], p=[0.4, 0.2, 0.2, 0.2])
+            op = rng.choice(["put", "put", "delete", "get", "load"], p=[0.4, 0.2, 0.2, 0.18, 0.02])
             keys = make_keys(int(rng.integers(0, 40)))
             if op == "put":
                 vecs = rng.integers(-1000, 1000, size=(len(keys), 3)).astype(np.float32)
@@ -437,6 +445,10 @@ class BackendTests:
                 assert t.delete(keys) == len(set(keys) & model.keys())
                 for k in keys:
                     model.pop(k, None)
+            elif op == "load":
+                vecs = rng.integers(-1000, 1000, size=(len(keys), 3)).astype(np.float32)
+                if keys and self.replace_all(t, keys, vecs):
+                    model = {k: v.tolist() for k, v in zip(keys, vecs, strict=True)}
             vectors, found = t.get(keys) if keys else (np.empty((0, 3)), np.empty(0, bool))
             assert found.tolist() == [k in model for k in keys], f"step {step} ({op})"
             assert [v for v, f in zip(vectors.tolist(), found, strict=True) if f] == [model[k] for k in keys
