@@ -32,7 +32,8 @@ class Capabilities:
     - ``durable``: an acknowledged write survives a crash of the process (a disk store, or a
       server that persists); a table in ``/dev/shm`` survives a process crash but not a reboot.
     - ``tagged``: rows keep the u64 tag given to ``put(..., tags=)``, read by ``get_tagged``
-      and ``get_fresh`` (an untagged kind reads every tag as 0 and every present row as fresh).
+      and ``get_fresh`` (an untagged kind reads every tag as 0 and every present row as fresh,
+      and refuses tags given to ``put`` with :class:`embkv.SchemaError`).
     - ``shared_across_processes``: readers in other processes opened on the same table see
       every write (a shared-memory or file table, a server); an in-process table does not.
     """

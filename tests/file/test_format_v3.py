@@ -147,13 +147,75 @@ def test_int8_table_grows_replays_checks_and_repairs(disk_store_path):
     vectors, found = t.get(keys)
     assert found.all()
     want = encode(keys, np.where(keys < 100, 1, 2))
-    assert np.abs(vectors - want).max(axis=1).tolist() <= (np.abs(want).max(axis=1) / 254 * 1.0001).tolist()
+    assert (np.abs(vectors - want).max(axis=1) <= np.abs(want).max(axis=1) / 254 * 1.0001).all()
     assert check_table(t.path).ok
     kept = embkv.open(disk_store_path)["t"]
     from embkv.file.check import repair_table
 
     assert repair_table(kept) == {"kept": 110, "dropped": 0}
     np.testing.assert_array_equal(kept.get(keys)[0], vectors)
+
+
+# ------------------------------------------------------------------ headers
+
+
+def _set_field(path: str, offset: int, value: int, crc_at: int = 120) -> None:
+    with open(path, "r+b") as f:
+        head = bytearray(f.read(128))
+        struct.pack_into("<I", head, offset, value)
+        struct.pack_into("<I", head, crc_at, zlib.crc32(bytes(head[:crc_at])))
+        f.seek(0)
+        f.write(head)
+
+
+@pytest.mark.parametrize(("offset", "value"), [(112, 2), (112, 0x80000000), (116, 1), (116, 0xDEADBEEF)])
+def test_unknown_flags_and_a_used_reserved_word_are_refused(store, offset, value):
+    store.create_table("t", dim=4).close()
+    path = os.path.join(store.path, "t.ekv")
+    _set_field(path, offset, value)
+    with pytest.raises(embkv.CorruptTableError, match="out of range"):
+        embkv.open(store.path, readonly=True)["t"]
+
+
+def test_a_version_2_header_cannot_name_a_version_3_dtype(store):
+    store.create_table("t", dim=4, tags=True).close()
+    path = os.path.join(store.path, "t.ekv")
+    as_version_2(path)
+    _set_field(path, 20, 4, crc_at=112)  # dtype code 4 (int8) did not exist in version 2
+    with pytest.raises(embkv.CorruptTableError, match="out of range"):
+        embkv.open(store.path, readonly=True)["t"]
+
+
+def test_the_tag_flag_must_match_the_row_layout(store):
+    store.create_table("t", dim=4).close()
+    path = os.path.join(store.path, "t.ekv")
+    _set_field(path, 112, 1)  # claims tagged rows: the row header no longer matches the header fields
+    with pytest.raises(embkv.CorruptTableError):
+        embkv.open(store.path, readonly=True)["t"]
+
+
+def test_create_table_exist_ok_takes_an_existing_table_as_it_is(store):
+    store.create_table("t", dim=4, tags=True)
+    again = store.create_table("t", dim=4, exist_ok=True)  # tags not said: whatever it has
+    assert again.tagged
+    with pytest.raises(embkv.SchemaError, match="tags=True"):
+        store.create_table("t", dim=4, exist_ok=True, tags=False)
+
+
+def test_export_then_load_keeps_the_stored_dtype_and_tags(store, tmp_path):
+    t = store.create_table("t", dim=8, dtype="int8", tags=True)
+    t.put(np.arange(50), np.random.default_rng(1).standard_normal((50, 8)))
+    out = str(tmp_path / "t.npz")
+    runner = CliRunner()
+    assert runner.invoke(cli_main, ["export", store.path, "t", out]).exit_code == 0
+    other = str(tmp_path / "other")
+    result = runner.invoke(cli_main, ["load", "-q", other, "t", out])
+    assert result.exit_code == 0, result.output
+    back = embkv.open(other)["t"]
+    assert back.stored_dtype == "int8" and back.tagged and len(back) == 50
+    np.testing.assert_array_equal(back.get(np.arange(50))[0], t.get(np.arange(50))[0])  # codes re-quantize exactly
+    plain = runner.invoke(cli_main, ["load", "-q", other, "u", out, "--dtype", "float32", "--no-tags"])
+    assert plain.exit_code == 0 and not embkv.open(other)["u"].tagged
 
 
 # ------------------------------------------------------------------ version-2 files

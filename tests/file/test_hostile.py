@@ -63,7 +63,8 @@ MUST_DETECT_COUNTERS = [(COUNTERS_OFFSET + 8, COUNTERS_OFFSET + 16),  # live key
                         (COUNTERS_OFFSET + 56, COUNTERS_OFFSET + 64)]  # dirty
 # the immutable header fields: (offset, struct format)
 HEADER_FIELDS = [(8, "<I"), (12, "<I"), (16, "<I"), (20, "<I"), (24, "<I"), (28, "<I"), (32, "<Q"), (40, "<Q"),
-                 (48, "<Q"), (56, "<Q"), (64, "<Q"), (72, "<Q"), (80, "<Q"), (88, "<Q"), (96, "<Q"), (104, "<Q")]
+                 (48, "<Q"), (56, "<Q"), (64, "<Q"), (72, "<Q"), (80, "<Q"), (88, "<Q"), (96, "<Q"), (104, "<Q"),
+                 (112, "<I"), (116, "<I")]  # format 3: flags, reserved
 SLOT_TOMB = 2**64 - 1
 EXAMPLES = int(os.environ.get("EMBKV_FUZZ_EXAMPLES", "1000"))  # per key type; raise it for a deeper run
 FUZZ = settings(max_examples=EXAMPLES, deadline=2000, database=None,
@@ -163,7 +164,9 @@ def fuzz_folder() -> Iterator[str]:
     try:
         with embkv.open(path) as s:
             for key_type in ("int64", "str"):
-                t = s.create_table(key_type, 4, key_type=key_type, capacity=64)
+                # one tagged int8 table, one untagged bfloat16 one: every row form the kernels decode
+                t = s.create_table(key_type, 4, key_type=key_type, capacity=64, tags=key_type == "int64",
+                                   dtype="int8" if key_type == "int64" else "bfloat16")
                 ks: list[Any] = list(range(40)) if key_type == "int64" else [f"k{i}" for i in range(40)]
                 t.put(ks, np.arange(160, dtype=np.float32).reshape(40, 4))
                 t.put(ks[:10], -np.arange(40, dtype=np.float32).reshape(10, 4))  # free rows

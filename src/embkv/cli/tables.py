@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 import click
 import numpy as np
@@ -42,14 +42,17 @@ def create(store: str, table: str, dim: int, dtype: DTypeName, key_type: KeyType
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="Stored dtype of a new table (default: the data's float type, else float32); int8 and "
               "bfloat16 quantize the data.")
+@click.option("--tags/--no-tags", default=None,
+              help="Whether a new table's rows keep a tag word (default: as exported, else no).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def load(store: str, table: str, source: str, vectors: str | None, key_column: str, vector_column: str,
-         dtype: DTypeName | None, quiet: bool) -> None:
+         dtype: DTypeName | None, tags: bool | None, quiet: bool) -> None:
     """Build a new version of TABLE from files and publish it atomically.
 
     \b
     SOURCE VECTORS   two .npy files: keys [N] (integers or strings) and vectors [N, dim]
-    SOURCE.npz       arrays named 'keys' and 'vectors' (what `embkv export` writes)
+    SOURCE.npz       arrays named 'keys' and 'vectors' (what `embkv export` writes, with the
+                     stored dtype and tagging that a new table then takes by default)
     SOURCE.parquet   a keys column and a list column of vectors (needs pyarrow)
 
     Open readers switch to the new version on their next lookup.
@@ -61,6 +64,11 @@ def load(store: str, table: str, source: str, vectors: str | None, key_column: s
     if source.endswith(".npz"):
         with np.load(source, allow_pickle=False) as npz:
             keys, vecs = npz["keys"], npz["vectors"]
+            exported_dtype = str(npz["stored_dtype"]) if "stored_dtype" in npz.files else None
+            exported_tags = bool(npz["tagged"]) if "tagged" in npz.files else None
+        if table not in embkv.open(store):  # an existing table keeps its own form
+            dtype = dtype or cast(DTypeName | None, exported_dtype)
+            tags = exported_tags if tags is None else tags
     elif vectors is None and not source.endswith((".parquet", ".pq")):
         raise click.UsageError("give a VECTORS .npy file, or a .npz / .parquet SOURCE")
     total = None
@@ -68,7 +76,7 @@ def load(store: str, table: str, source: str, vectors: str | None, key_column: s
         total = len(np.load(vecs, mmap_mode="r")) if isinstance(vecs, str) else len(vecs)
     with tqdm(total=total, unit="rows", unit_scale=True, disable=quiet, desc=f"loading {table}") as bar:
         t = embkv.open(store).load_table(table, keys, vecs, key_column=key_column, vector_column=vector_column,
-                                         dtype=dtype, progress=bar.update)
+                                         tags=tags, dtype=dtype, progress=bar.update)
     click.echo(f"published {t!r}")
 
 
@@ -141,8 +149,9 @@ def export(store: str, table: str, out: str) -> None:
     else:
         if not out.endswith(".npz"):
             raise click.BadParameter("OUT must end in .npz or .parquet", param_hint="OUT")
-        with open(tmp, "wb") as f:
-            np.savez(f, keys=np.asarray(keys), vectors=vectors)
+        with open(tmp, "wb") as f:  # with how the table stored them, so `embkv load` makes it alike
+            np.savez(f, keys=np.asarray(keys), vectors=vectors, stored_dtype=np.array(t.stored_dtype),
+                     tagged=np.array(t.tagged))
     os.replace(tmp, out)
     click.echo(f"wrote {len(vectors):,} rows to {out}")
 
@@ -228,12 +237,20 @@ def upgrade(store: str, table: str | None) -> None:
     """
     s = embkv.open(store)
     names = [table] if table else s.list_tables()
+    failed = 0
     for name in names:
-        before = s[name].info()["format_version"]
+        try:
+            before = s[name].info()["format_version"]
+        except embkv.FormatVersionError as exc:  # embkv 0.1's files: this version cannot read them
+            click.echo(f"{name}: not upgraded: {exc}", err=True)
+            failed += 1
+            continue
         if s.upgrade_table(name):
             click.echo(f"{name}: upgraded from format version {before} to {s[name].info()['format_version']}")
         else:
             click.echo(f"{name}: already format version {before}")
+    if failed:
+        raise click.ClickException(f"{failed} table(s) could not be upgraded")
 
 
 COMMANDS = [create, load, info, get, export, copy, check, repair, drop, upgrade]

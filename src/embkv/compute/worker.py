@@ -31,6 +31,7 @@ from typing import Any, cast
 import numpy as np
 
 from ..errors import EmbkvError, SchemaError
+from ..file.codec import decode_rows, encode_rows
 from ..file.store import Store, open_store
 from ..metrics import WorkerMetrics, histogram_deltas
 from .cache import fill_tag, require_tagged
@@ -118,8 +119,12 @@ class Worker:
                                              f"expected ({n}, {dim})")
         with np.errstate(over="ignore", invalid="ignore"):
             cast = arr.astype(self.table.dtype)
-        ok = np.isfinite(cast).all(axis=1)
-        return cast, ok, f"compute returned non-finite values (NaN or inf, after the cast to {self.table.dtype})"
+            # what the table will hold: bfloat16 rounds float32 values above 3.39e38 to inf
+            stored = decode_rows(encode_rows(cast, self.table.stored_dtype), self.table.stored_dtype, dim) \
+                if self.table.stored_dtype == "bfloat16" else cast
+        ok = np.isfinite(stored).all(axis=1)
+        return cast, ok, (f"compute returned non-finite values (NaN or inf, as stored in "
+                          f"{self.table.stored_dtype})")
 
     def _compute(self, items: list[WorkItem]) -> tuple[list[WorkItem], list[np.ndarray], list[tuple[WorkItem, str]]]:
         keys = [it.key for it in items]

@@ -6,7 +6,9 @@
   inf, NaN stays NaN. Read back as float32.
 - ``int8``: symmetric per-row quantization, ``scale = max|x| / 127`` kept as a float32 before
   the row's ``dim`` int8 codes, ``x ~ code * scale`` with an error of at most ``scale / 2`` per
-  element. Read back as float32. NaN and inf cannot be scaled and are refused.
+  element. Read back as float32. NaN and inf cannot be scaled and are refused. A row whose
+  largest value is below about 1.8e-43 gets a scale that underflows to 0 and reads back as
+  zeros (an error below 1.8e-43).
 
 The kernels decode in the same way when they copy rows out (``_kernels.c: copy_vec``); this
 module is the encoder for every write and the decoder of the numpy fallback and of exports.
@@ -41,10 +43,15 @@ def encode_rows(vectors: np.ndarray, dtype: str) -> np.ndarray:
     Raises :class:`SchemaError` for an int8 row holding NaN or inf (nothing is written then).
     """
     if dtype == "int8":
-        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        given = np.asarray(vectors)
+        if not np.isfinite(given).all():
+            bad = int(np.flatnonzero(~np.isfinite(given).all(axis=1))[0])
+            raise SchemaError(f"int8 rows need finite values (a scale cannot hold NaN or inf): row {bad} has one")
+        with np.errstate(over="ignore"):
+            x = np.ascontiguousarray(given, dtype=np.float32)
         if not np.isfinite(x).all():
             bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-            raise SchemaError(f"int8 rows need finite values (a scale cannot hold NaN or inf): row {bad} has one")
+            raise SchemaError(f"int8 rows are scaled in float32: row {bad} holds a value beyond its range (3.4e38)")
         n, dim = x.shape
         peak = np.abs(x).max(axis=1) if dim else np.zeros(n, dtype=np.float32)
         scale = (peak / np.float32(127)).astype(np.float32)

@@ -214,10 +214,11 @@ class Layout:
          row_capacity, heap_capacity, index_offset, rows_offset, freelist_offset, heap_offset, file_size,
          created_ns) = fields[:17]
         flags = fields[17] if version >= 3 else FLAG_TAGGED  # every version-2 row has its tag word
+        reserved = fields[18] if version >= 3 else 0
         (stored_crc,) = _CRC.unpack_from(head, crc_offset)
         if zlib.crc32(head[:crc_offset]) != stored_crc:
             raise CorruptTableError(f"{where}: header checksum mismatch (the header is damaged)")
-        if flags & ~_KNOWN_FLAGS or (version < 3 and dtype_code > 3):
+        if flags & ~_KNOWN_FLAGS or reserved or (version < 3 and dtype_code > 3):
             raise CorruptTableError(f"{where}: header fields out of range")
         if header_size != HEADER_SIZE or dtype_code not in _DTYPE_NAMES or key_code not in _KEY_NAMES:
             raise CorruptTableError(f"{where}: header fields out of range")

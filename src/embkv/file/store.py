@@ -122,27 +122,29 @@ class Store:
             raise ReadOnlyError(f"store {self.path} was opened read-only")
 
     def create_table(self, name: str, dim: int, dtype: DTypeArg = "float32", key_type: KeyType = "int64", *,
-                     capacity: int = DEFAULT_CAPACITY, exist_ok: bool = False, tags: bool = False) -> Table:
+                     capacity: int = DEFAULT_CAPACITY, exist_ok: bool = False, tags: bool | None = None) -> Table:
         """Create an empty table. ``key_type``: int64 or str.
 
         ``dtype``: how vectors are stored: ``float32``, ``float16``, ``float64``, or ``bfloat16``
         and ``int8`` (one scale per row, error at most scale / 2 per element), which reads return
         as float32 (see :mod:`embkv.file.codec`). ``tags=True``: every row keeps a u64 tag
         (``put(..., tags=)``, ``get_tagged``, ``get_fresh``; compute on miss needs it), 8 bytes
-        per row. ``capacity`` is only a starting size: tables grow as rows are added. With
-        ``exist_ok=True`` an existing table of the same schema is returned instead of an error.
+        per row; a new table has none unless asked. ``capacity`` is only a starting size: tables
+        grow as rows are added. With ``exist_ok=True`` an existing table of the same schema is
+        returned instead of an error (``tags=None`` takes it as it is, tagged or not).
         """
         self._require_writable()
         dtype = _dtype_name(dtype)
         layout = Layout.plan(dim, dtype, key_type, capacity, heap_capacity=32 * max(16, capacity),
-                             created_ns=time.time_ns(), tagged=tags)
+                             created_ns=time.time_ns(), tagged=bool(tags))
         path = self._table_path(name)
         if os.path.exists(path):
             if not exist_ok:
                 raise TableExistsError(f"table {name!r} already exists in {self.path}")
             table = self[name]
+            want_tags = table.tagged if tags is None else tags
             if (table.dim, table.stored_dtype, table.key_type, table.tagged) != (layout.dim, dtype, key_type,
-                                                                                 layout.tagged):
+                                                                                 want_tags):
                 raise SchemaError(
                     f"table {name!r} exists with dim={table.dim} dtype={table.stored_dtype} keys={table.key_type} "
                     f"tags={table.tagged}"

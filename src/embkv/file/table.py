@@ -326,7 +326,9 @@ class Table:
         """Insert or overwrite a batch: ``keys`` [B], ``vectors`` [B, dim].
 
         Duplicate keys in one batch: the last occurrence wins. NaN and inf are stored as
-        given. Values are cast to the table's dtype (float64 -> float16 may overflow to inf).
+        given, except in an int8 table, which refuses them (:class:`SchemaError`, nothing
+        written). Values are cast to the stored dtype (float64 -> float16 or bfloat16 may
+        overflow to inf).
         The table grows (a new version is built and published) when it runs out of room.
         ``tags``: an unsigned 64-bit word stored with each vector (one int for the batch, or
         ``[B]``; default 0), read back by :meth:`get_tagged` and :meth:`get_fresh`.

@@ -14,8 +14,8 @@ the suite with a factory, and pytest collects the subclass like any test class::
             store = embkv.open(tmp_path)
             names = iter(range(1_000_000))
 
-            def make(key_type="int64", dim=16, dtype="float32"):
-                return store.create_table(f"t{next(names)}", dim, dtype, key_type)
+            def make(key_type="int64", dim=16, dtype="float32", tagged=False):
+                return store.create_table(f"t{next(names)}", dim, dtype, key_type, tags=tagged)
 
             yield make
             store.close()
