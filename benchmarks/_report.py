@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import platform
@@ -75,7 +76,10 @@ def thp(setting: str = "enabled") -> str:
     return "?"
 
 
+@functools.cache
 def git_describe() -> str:
+    """The commit (``-dirty`` if the tree has changes), taken once: a run calls it first, before it
+    writes its own report and plots into the tree."""
     out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
                          text=True, check=False).stdout.strip()
     return out or "unknown"

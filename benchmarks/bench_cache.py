@@ -31,7 +31,7 @@ import numpy as np
 
 import embkv
 from _common import REPO, make_log, pct_us, scratch
-from _report import Target, command_line, fmt_2f, fmt_raw, machine_lines
+from _report import Target, command_line, fmt_2f, fmt_raw, git_describe, machine_lines
 
 log = make_log("bench_cache")
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "cache.md"
@@ -431,6 +431,7 @@ def report(args: argparse.Namespace, model: str, hits: list[HitRow], misses: lis
 
 
 def run(args: argparse.Namespace) -> int:
+    git_describe()  # pinned before this run writes its report and plots into the tree
     start = time.perf_counter()
     q = 1 if args.quick else 0
     compute = encode_hash if args.quick or args.compute == "hash" else encode_minilm

@@ -47,7 +47,7 @@ from _common import (
     zipf_cdf,
     zipf_ranks,
 )
-from _report import Target, command_item, fmt_2f, machine_lines, report_head, thp
+from _report import Target, command_item, fmt_2f, git_describe, machine_lines, report_head, thp
 
 log = make_log("bench_core")
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "core.md"
@@ -472,6 +472,7 @@ def scratch_store(path: str) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    git_describe()  # pinned before this run writes its report and plots into the tree
     start = time.perf_counter()
     n, dim = args.n, args.dim
     calls = {b: c[1 if args.quick else 0] for b, c in CALLS.items()}

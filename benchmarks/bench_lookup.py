@@ -546,6 +546,7 @@ class Results:
 
 
 def run(args: argparse.Namespace) -> Results:
+    git_describe()  # pinned before this run writes its report and plots into the tree
     start = time.perf_counter()
     load_before = os.getloadavg()
     groups: list[Group] = []

@@ -29,7 +29,7 @@ import numpy as np
 import embkv
 from _common import REPO, FloatArray, IntArray, make_log, random_table, scratch, str_key
 from _peers import decimal_names, load_lmdb, load_redis, row_bytes
-from _report import Target, command_item, fmt_2f, machine_lines, report_head
+from _report import Target, command_item, fmt_2f, git_describe, machine_lines, report_head
 from _servers import start_redis
 
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "memory.md"
@@ -280,6 +280,7 @@ def report(args: argparse.Namespace, sizes: dict[tuple[str, int], dict[str, floa
 
 
 def run(args: argparse.Namespace) -> int:
+    git_describe()  # pinned before this run writes its report and plots into the tree
     t0 = time.perf_counter()
     with scratch("embkv-bench-mem-", "/dev/shm", None) as (shm, tmp):
         store = embkv.open(shm / "store")

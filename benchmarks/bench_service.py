@@ -58,6 +58,7 @@ from _report import (
     command_item,
     dist_version,
     first_line,
+    git_describe,
     machine_lines,
     mib,
     ms,
@@ -818,6 +819,7 @@ def plan(s: Settings) -> list[tuple[str, int, int]]:
 
 
 def run(s: Settings, shm_root: str) -> int:
+    git_describe()  # pinned before this run writes its report and plots into the tree
     start = time.perf_counter()
     need = ["wrk"] + [exe for b, exe in (("redis", "redis-server"), ("memcached", "memcached")) if b in s.backends]
     for exe in need:
