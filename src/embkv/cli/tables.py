@@ -61,22 +61,33 @@ def load(store: str, table: str, source: str, vectors: str | None, key_column: s
 
     keys: Any = source
     vecs: Any = vectors
+    row_tags: Any = None
     if source.endswith(".npz"):
         with np.load(source, allow_pickle=False) as npz:
             keys, vecs = npz["keys"], npz["vectors"]
             exported_dtype = str(npz["stored_dtype"]) if "stored_dtype" in npz.files else None
             exported_tags = bool(npz["tagged"]) if "tagged" in npz.files else None
-        if table not in embkv.open(store):  # an existing table keeps its own form
+            row_tags = npz["tags"] if "tags" in npz.files else None
+        target = embkv.open(store)
+        if table not in target:  # an existing table keeps its own form
             dtype = dtype or cast(DTypeName | None, exported_dtype)
             tags = exported_tags if tags is None else tags
-    elif vectors is None and not source.endswith((".parquet", ".pq")):
+        elif not target[table].tagged:
+            row_tags = None  # an untagged table has nowhere to keep them
+    elif source.endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+
+        if "tag" in pq.read_schema(source).names:  # what `embkv export` writes for a tagged table
+            row_tags = pq.read_table(source, columns=["tag"]).column("tag").to_numpy()
+    elif vectors is None:
         raise click.UsageError("give a VECTORS .npy file, or a .npz / .parquet SOURCE")
     total = None
     if vecs is not None:
         total = len(np.load(vecs, mmap_mode="r")) if isinstance(vecs, str) else len(vecs)
     with tqdm(total=total, unit="rows", unit_scale=True, disable=quiet, desc=f"loading {table}") as bar:
         t = embkv.open(store).load_table(table, keys, vecs, key_column=key_column, vector_column=vector_column,
-                                         tags=tags, dtype=dtype, progress=bar.update)
+                                         tags=tags, row_tags=None if tags is False else row_tags,
+                                         dtype=dtype, progress=bar.update)
     click.echo(f"published {t!r}")
 
 
@@ -96,8 +107,11 @@ def info(store: str, table: str | None, as_json: bool) -> None:
         click.echo(f"{store}: no tables")
     for i in infos:
         per_row = i["bytes_per_row"]
-        click.echo(f"{i['name']}: {i['rows']:,} rows x {i['dim']} {i['dtype']}, {i['key_type']} keys, "
-                   f"{per_row['total']:g} bytes/row ({per_row['vector']:g} vector + {per_row['overhead']:g})")
+        # a few rows share the fixed pages of the file: bytes per row say something from about 1,000 on
+        size = (f"{per_row['total']:g} bytes/row ({per_row['vector']:g} vector + {per_row['overhead']:g})"
+                if i["rows"] >= 1000 else f"{i['file_bytes']:,} bytes")
+        click.echo(f"{i['name']}: {i['rows']:,} rows x {i['dim']} {i['dtype']}, {i['key_type']} keys"
+                   f"{', tagged' if i['tagged'] else ''}, {size}")
         if table:
             for k, v in i.items():
                 if k == "bytes_per_row":
@@ -135,9 +149,16 @@ def get(store: str, table: str, keys: tuple[str, ...], as_json: bool) -> None:
 @click.argument("table")
 @click.argument("out", type=click.Path(dir_okay=False))
 def export(store: str, table: str, out: str) -> None:
-    """Write TABLE's keys and vectors to OUT (.npz, or .parquet with pyarrow)."""
+    """Write TABLE's keys and vectors to OUT (.npz, or .parquet with pyarrow).
+
+    A tagged table's row tags go along (an .npz array `tags`, a Parquet column `tag`), and an
+    .npz also records the stored dtype and tagging: `embkv load` restores all of it.
+    """
     t = embkv.open(store, readonly=True)[table]
-    keys, vectors = t.export()
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"folder {folder} does not exist", param_hint="OUT")
+    keys, vectors, tags = t.export_tagged()
     tmp = out + ".partial"
     if out.endswith((".parquet", ".pq")):
         import pyarrow as pa
@@ -145,13 +166,19 @@ def export(store: str, table: str, out: str) -> None:
 
         flat = pa.array(vectors.reshape(-1))
         col = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
-        pq.write_table(pa.table({"key": pa.array(keys), "vector": col}), tmp)
+        columns = {"key": pa.array(keys), "vector": col}
+        if t.tagged:
+            columns["tag"] = pa.array(tags)
+        pq.write_table(pa.table(columns), tmp)
     else:
         if not out.endswith(".npz"):
             raise click.BadParameter("OUT must end in .npz or .parquet", param_hint="OUT")
         with open(tmp, "wb") as f:  # with how the table stored them, so `embkv load` makes it alike
-            np.savez(f, keys=np.asarray(keys), vectors=vectors, stored_dtype=np.array(t.stored_dtype),
-                     tagged=np.array(t.tagged))
+            stored, tagged = np.array(t.stored_dtype), np.array(t.tagged)
+            if t.tagged:  # compute on miss keeps each vector's model version and fill time there
+                np.savez(f, keys=np.asarray(keys), vectors=vectors, tags=tags, stored_dtype=stored, tagged=tagged)
+            else:
+                np.savez(f, keys=np.asarray(keys), vectors=vectors, stored_dtype=stored, tagged=tagged)
     os.replace(tmp, out)
     click.echo(f"wrote {len(vectors):,} rows to {out}")
 

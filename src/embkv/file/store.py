@@ -22,7 +22,7 @@ from ..errors import (
 )
 from .codec import encode_rows
 from .format import DTYPES, FORMAT_VERSION, KEY_TYPES, DTypeName, KeyType, Layout
-from .inputs import as_int_keys, as_str_keys
+from .inputs import as_int_keys, as_str_keys, as_tags
 from .mapping import Chunk, Progress, build_version, copy_version
 from .publish import TABLE_SUFFIX, check_name, is_memory_path, remove_stale_temps, temp_path
 from .table import Table
@@ -140,7 +140,8 @@ class Store:
         path = self._table_path(name)
         if os.path.exists(path):
             if not exist_ok:
-                raise TableExistsError(f"table {name!r} already exists in {self.path}")
+                raise TableExistsError(f"table {name!r} already exists in {self.path}: open it with "
+                                       f"store[{name!r}], or pass exist_ok=True")
             table = self[name]
             want_tags = table.tagged if tags is None else tags
             if (table.dim, table.stored_dtype, table.key_type, table.tagged) != (layout.dim, dtype, key_type,
@@ -166,7 +167,7 @@ class Store:
 
     def load_table(self, name: str, keys: Any, vectors: Any = None, *, dtype: DTypeArg | None = None,
                    key_column: str = "key", vector_column: str = "vector", capacity: int | None = None,
-                   progress: Progress | None = None, tags: bool | None = None) -> Table:
+                   progress: Progress | None = None, tags: bool | None = None, row_tags: Any = None) -> Table:
         """Build a whole new version of a table in one pass and publish it atomically.
 
         Sources: ``keys`` and ``vectors`` as arrays (or lists); paths to ``.npy`` files (memory-mapped,
@@ -176,6 +177,8 @@ class Store:
         keeps its schema and the data must match its dim and key type. Readers switch to the new
         version on their next call; the old version's memory is freed when the last reader lets go.
         Duplicate keys: the last occurrence wins. ``progress(n)`` is called after each chunk of rows.
+        ``tags=True`` makes a new table's rows keep a tag word; ``row_tags`` (one u64 per row, or
+        one for all) fills it, e.g. from ``table.export_tagged()`` (a tagged table only).
         """
         self._require_writable()
         keys, vectors = _read_source(keys, vectors, key_column, vector_column)
@@ -198,12 +201,16 @@ class Store:
                 )
             dtype_name = existing.stored_dtype if dtype is None else _dtype_name(dtype)
             if dtype_name != existing.stored_dtype:
-                raise SchemaError(f"table {name!r} stores {existing.stored_dtype}, not {dtype_name}")
+                raise SchemaError(f"table {name!r} stores {existing.stored_dtype}, not {dtype_name}; "
+                                  "drop the table (embkv drop) to store another dtype")
             if tags is not None and tags != existing.tagged:
                 raise SchemaError(f"table {name!r} has tags={existing.tagged}; drop it to change that")
         else:
             dtype_name = _dtype_name(dtype if dtype is not None else _default_dtype(vectors.dtype))
-        chunks, heap_bytes = _chunks(keys, vectors, key_type, dtype_name)
+        if row_tags is not None and not (existing.tagged if existing is not None else tags):
+            raise SchemaError(f"row_tags need a tagged table: load {name!r} with tags=True")
+        tag_words = None if row_tags is None else as_tags(row_tags, n)
+        chunks, heap_bytes = _chunks(keys, vectors, key_type, dtype_name, tag_words)
         # sized to the data: a little headroom for the updates that follow (each takes a fresh row
         # before it frees the old one), not a doubling that the memory would pay for
         cap = max(capacity or 0, n + n // LOAD_HEADROOM, DEFAULT_CAPACITY)
@@ -315,7 +322,7 @@ def _dtype_name(dtype: Any) -> DTypeName:
     try:
         name = np.dtype(dtype).name
     except TypeError:
-        raise SchemaError(f"unknown dtype {dtype!r}") from None
+        raise SchemaError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}") from None
     if name not in DTYPES:
         raise SchemaError(f"dtype must be one of {sorted(DTYPES)}, got {name}")
     return cast(DTypeName, name)
@@ -397,7 +404,8 @@ def _infer_key_type(keys: Any) -> KeyType:
 Chunks = Iterator[Chunk]
 
 
-def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[Chunks, int]:
+def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str,
+            tags: np.ndarray | None = None) -> tuple[Chunks, int]:
     """Validate and pack keys up front (so bad input changes nothing), then stream vector chunks."""
     n = len(vectors)
     assert key_type in KEY_TYPES
@@ -407,7 +415,7 @@ def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[
         def gen_int() -> Iterator[Chunk]:
             for lo in range(0, n, LOAD_CHUNK):
                 hi = min(n, lo + LOAD_CHUNK)
-                yield packed_int[lo:hi], encode_rows(vectors[lo:hi], dtype), None
+                yield packed_int[lo:hi], encode_rows(vectors[lo:hi], dtype), None if tags is None else tags[lo:hi]
 
         return gen_int(), 0
     if isinstance(keys, np.ndarray):
@@ -417,6 +425,7 @@ def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str) -> tuple[
 
     def gen_str() -> Iterator[Chunk]:
         for i, lo in enumerate(range(0, n, LOAD_CHUNK)):
-            yield packed[i], encode_rows(vectors[lo : lo + LOAD_CHUNK], dtype), None
+            yield (packed[i], encode_rows(vectors[lo : lo + LOAD_CHUNK], dtype),
+                   None if tags is None else tags[lo : lo + LOAD_CHUNK])
 
     return gen_str(), heap

@@ -294,20 +294,28 @@ class Table:
 
         Takes the writer lock briefly so the snapshot is consistent.
         """
-        if self.readonly:  # no lock for readers: read the keys, then their vectors
+        keys, vectors, _tags = self.export_tagged()
+        return keys, vectors
+
+    def export_tagged(self) -> tuple[Any, np.ndarray, np.ndarray]:
+        """Like :meth:`export`, plus each row's tag (uint64; zeros in an untagged table), in one snapshot.
+
+        Takes the writer lock briefly (a read-only table: no lock, keys then rows).
+        """
+        if self.readonly:  # no lock for readers: read the keys, then their rows
             self._current()
             keys = self.keys()
-            vectors, found = self.get(keys)
+            vectors, found, tags = self.get_tagged(keys)
             if self._int_keys:
-                return keys[found], vectors[found]
-            return [k for k, f in zip(keys, found.tolist(), strict=True) if f], vectors[found]
+                return keys[found], vectors[found], tags[found]
+            return [k for k, f in zip(keys, found.tolist(), strict=True) if f], vectors[found], tags[found]
         with self.write_session() as session:
-            keys, vectors, _tags = export_live(session.mapping)
+            keys, vectors, tags = export_live(session.mapping)
         if not self._int_keys:
             keys = unpack_str(keys)
         if self.stored_dtype in QUANTIZED:
             vectors = decode_rows(vectors, self.stored_dtype, self.dim)
-        return keys, vectors
+        return keys, vectors, tags
 
     # ---------------------------------------------------------------- writes
 

@@ -20,7 +20,10 @@ the suite with a factory, and pytest collects the subclass like any test class::
             yield make
             store.close()
 
-Tests a kind cannot run are skipped by its :class:`embkv.Capabilities` (a table that keeps
+The suites are :class:`BackendTests` and :class:`WorkQueueTests` (loaded on first use, so
+the helpers :func:`encode`, :func:`check_vectors` and :func:`poll` import without pytest);
+``help(embkv.testing.BackendTests)`` lists the hooks a subclass may set. Tests a kind cannot
+run are skipped by its :class:`embkv.Capabilities` (a table that keeps
 no tags skips the tag tests), never by catching errors. :class:`WorkQueueTests` does the same
 for :class:`embkv.WorkQueue` backends.
 """

@@ -71,7 +71,22 @@ def _serve_reads(opener: Callable[[], EmbeddingTable], conn: Connection) -> None
 
 
 class BackendTests:
-    """The conformance suite of :class:`embkv.EmbeddingTable`; see :mod:`embkv.testing`."""
+    """The conformance suite of :class:`embkv.EmbeddingTable`; see :mod:`embkv.testing`.
+
+    A subclass overrides the ``make_table`` fixture, and may set or override:
+
+    - ``quantized_dtypes``: the read-as-float32 dtypes the kind stores (``("int8", "bfloat16")``
+      for embkv's file table); their tests skip otherwise;
+    - :meth:`reader_opener`: how another process opens a table read-only (a picklable
+      callable, e.g. ``functools.partial(open_store_table, store.path, table.name)``); the
+      cross-process test skips without it;
+    - :meth:`replace_all`: replace a table's whole content in one step (a bulk load), used
+      by the random test;
+    - :meth:`state` and :meth:`check_invariants`: more of what a failed call must leave as
+      it was, and bookkeeping that always holds.
+
+    ``tests/file/test_conformance.py`` in embkv's repository is a complete example.
+    """
 
     @pytest.fixture
     def make_table(self) -> Iterator[TableFactory]:
