@@ -43,7 +43,7 @@ def create(store: str, table: str, dim: int, dtype: DTypeName, key_type: KeyType
               help="Stored dtype of a new table (default: the data's float type, else float32); int8 and "
               "bfloat16 quantize the data.")
 @click.option("--tags/--no-tags", default=None,
-              help="Whether a new table's rows keep a tag word (default: as exported, else no).")
+              help="Whether a new table's rows keep a tag word (default: if the source has tags).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def load(store: str, table: str, source: str, vectors: str | None, key_column: str, vector_column: str,
          dtype: DTypeName | None, tags: bool | None, quiet: bool) -> None:
@@ -52,7 +52,7 @@ def load(store: str, table: str, source: str, vectors: str | None, key_column: s
     \b
     SOURCE VECTORS   two .npy files: keys [N] (integers or strings) and vectors [N, dim]
     SOURCE.npz       arrays named 'keys' and 'vectors' (what `embkv export` writes, with the
-                     stored dtype and tagging that a new table then takes by default)
+                     stored dtype and any row tags, which a new table then takes by default)
     SOURCE.parquet   a keys column and a list column of vectors (needs pyarrow)
 
     Open readers switch to the new version on their next lookup.
@@ -61,33 +61,35 @@ def load(store: str, table: str, source: str, vectors: str | None, key_column: s
 
     keys: Any = source
     vecs: Any = vectors
-    row_tags: Any = None
+    row_tags: Any = None  # what `embkv export` wrote of a tagged table
+    exported_dtype: str | None = None
     if source.endswith(".npz"):
         with np.load(source, allow_pickle=False) as npz:
             keys, vecs = npz["keys"], npz["vectors"]
             exported_dtype = str(npz["stored_dtype"]) if "stored_dtype" in npz.files else None
-            exported_tags = bool(npz["tagged"]) if "tagged" in npz.files else None
             row_tags = npz["tags"] if "tags" in npz.files else None
-        target = embkv.open(store)
-        if table not in target:  # an existing table keeps its own form
-            dtype = dtype or cast(DTypeName | None, exported_dtype)
-            tags = exported_tags if tags is None else tags
-        elif not target[table].tagged:
-            row_tags = None  # an untagged table has nowhere to keep them
     elif source.endswith((".parquet", ".pq")):
         import pyarrow.parquet as pq
 
-        if "tag" in pq.read_schema(source).names:  # what `embkv export` writes for a tagged table
+        if "tag" in pq.read_schema(source).names:
             row_tags = pq.read_table(source, columns=["tag"]).column("tag").to_numpy()
     elif vectors is None:
         raise click.UsageError("give a VECTORS .npy file, or a .npz / .parquet SOURCE")
+    target = embkv.open(store)
+    if table in target:  # an existing table keeps its own form; untagged, it has nowhere to keep tags
+        tagged = target[table].tagged
+    else:  # a new one takes the exported form unless told otherwise
+        dtype = dtype or cast(DTypeName | None, exported_dtype)
+        tagged = row_tags is not None if tags is None else tags
+    if not tagged:
+        row_tags = None
     total = None
     if vecs is not None:
         total = len(np.load(vecs, mmap_mode="r")) if isinstance(vecs, str) else len(vecs)
     with tqdm(total=total, unit="rows", unit_scale=True, disable=quiet, desc=f"loading {table}") as bar:
-        t = embkv.open(store).load_table(table, keys, vecs, key_column=key_column, vector_column=vector_column,
-                                         tags=tags, row_tags=None if tags is False else row_tags,
-                                         dtype=dtype, progress=bar.update)
+        t = target.load_table(table, keys, vecs, key_column=key_column, vector_column=vector_column,
+                              tags=tags if table in target else tagged, row_tags=row_tags, dtype=dtype,
+                              progress=bar.update)
     click.echo(f"published {t!r}")
 
 
@@ -152,7 +154,7 @@ def export(store: str, table: str, out: str) -> None:
     """Write TABLE's keys and vectors to OUT (.npz, or .parquet with pyarrow).
 
     A tagged table's row tags go along (an .npz array `tags`, a Parquet column `tag`), and an
-    .npz also records the stored dtype and tagging: `embkv load` restores all of it.
+    .npz also records the stored dtype: `embkv load` gives a new table the same form.
     """
     t = embkv.open(store, readonly=True)[table]
     folder = os.path.dirname(os.path.abspath(out))
@@ -174,11 +176,11 @@ def export(store: str, table: str, out: str) -> None:
         if not out.endswith(".npz"):
             raise click.BadParameter("OUT must end in .npz or .parquet", param_hint="OUT")
         with open(tmp, "wb") as f:  # with how the table stored them, so `embkv load` makes it alike
-            stored, tagged = np.array(t.stored_dtype), np.array(t.tagged)
+            stored = np.array(t.stored_dtype)
             if t.tagged:  # compute on miss keeps each vector's model version and fill time there
-                np.savez(f, keys=np.asarray(keys), vectors=vectors, tags=tags, stored_dtype=stored, tagged=tagged)
+                np.savez(f, keys=np.asarray(keys), vectors=vectors, tags=tags, stored_dtype=stored)
             else:
-                np.savez(f, keys=np.asarray(keys), vectors=vectors, stored_dtype=stored, tagged=tagged)
+                np.savez(f, keys=np.asarray(keys), vectors=vectors, stored_dtype=stored)
     os.replace(tmp, out)
     click.echo(f"wrote {len(vectors):,} rows to {out}")
 
