@@ -18,7 +18,8 @@ from embkv import errors
 from embkv.file.format import FORMAT_VERSION, MAX_CAPACITY, MAX_DIM, Layout
 from helpers import mapped_files
 
-CRC_OFFSET = 120  # format version 3 (version 2: 112)
+CRC_OFFSET = 120
+ROW_FIELD = (1 << 40) - 1  # an index slot: 24-bit fingerprint << 40 | row + 1
 COUNTERS = 128
 
 
@@ -344,11 +345,14 @@ def test_newer_format_version(store_path, version):
         embkv.open(store_path)["t"]
 
 
-def test_older_format_version_is_refused_with_a_way_out(store_path):
+@pytest.mark.parametrize(("version", "way_out"), [(1, r"embkv 0\.1.*load it again"),
+                                                  (2, r"embkv 0\.2.*embkv upgrade STORE"),
+                                                  (3, r"embkv 0\.2.*embkv upgrade STORE")])
+def test_older_format_version_is_refused_with_a_way_out(store_path, version, way_out):
     path = _make_table(store_path)
-    _patch(path, 8, struct.pack("<I", 1), fix_crc=True)  # embkv 0.1's version (version 2 still opens)
+    _patch(path, 8, struct.pack("<I", version), fix_crc=True)
     _open_fails(store_path, errors.FormatVersionError)
-    with pytest.raises(errors.FormatVersionError, match=r"without tags.*load it again"):
+    with pytest.raises(errors.FormatVersionError, match=way_out):
         embkv.open(store_path)["t"]
 
 
@@ -414,16 +418,18 @@ def test_index_pointing_outside_rows_is_corrupt(store_path, key_type):
     with open(path, "rb") as f:
         lay = Layout.parse(f.read(4096), os.path.getsize(path))
     raw = np.fromfile(path, dtype=np.uint64)
-    slots = raw[lay.index_offset // 8 : lay.index_offset // 8 + 2 * lay.slot_count].reshape(-1, 2)
-    used = np.flatnonzero((slots[:, 1] != 0) & (slots[:, 1] != np.uint64(2**64 - 1)))
+    slots = raw[lay.index_offset // 8 : lay.index_offset // 8 + lay.slot_count]
+    field = slots & np.uint64(ROW_FIELD)
+    used = np.flatnonzero((field != 0) & (field != np.uint64(ROW_FIELD)))
     assert len(used) == 10
     victim_slot = used[0]
-    victim_row = int(slots[victim_slot, 1]) - 1
+    victim_row = int(field[victim_slot]) - 1
     # which key the slot belongs to: read it back from the row
     row_start = (lay.rows_offset + victim_row * lay.row_stride) // 4 + lay.row_header // 4
     first = np.fromfile(path, dtype=np.float32)[row_start]
     key = int(first) // 4 if key_type == "int64" else f"k{int(first) // 4}"
-    _patch(path, lay.index_offset + 16 * int(victim_slot) + 8, struct.pack("<Q", lay.row_capacity + 7),
+    fingerprint = int(slots[victim_slot]) & ~ROW_FIELD  # keep it: the probe must still pick this slot
+    _patch(path, lay.index_offset + 8 * int(victim_slot), struct.pack("<Q", fingerprint | (lay.row_capacity + 7)),
            fix_crc=False)
     s = embkv.open(store_path)
     t = s["t"]

@@ -55,7 +55,7 @@ from embkv.cli import main as cli_main
 from embkv.file.check import CheckReport, check_table
 from embkv.file.format import COUNTERS_OFFSET, FORMAT_VERSION, MAX_CAPACITY, Layout
 
-CRC_OFFSET = 120  # format version 3 (version 2: 112)
+CRC_OFFSET = 120
 IMMUTABLE_END = CRC_OFFSET + 4
 SUPERSEDED_BYTES = (COUNTERS_OFFSET + 6 * 8, COUNTERS_OFFSET + 7 * 8)
 MUST_DETECT_COUNTERS = [(COUNTERS_OFFSET + 8, COUNTERS_OFFSET + 16),  # live keys
@@ -64,8 +64,9 @@ MUST_DETECT_COUNTERS = [(COUNTERS_OFFSET + 8, COUNTERS_OFFSET + 16),  # live key
 # the immutable header fields: (offset, struct format)
 HEADER_FIELDS = [(8, "<I"), (12, "<I"), (16, "<I"), (20, "<I"), (24, "<I"), (28, "<I"), (32, "<Q"), (40, "<Q"),
                  (48, "<Q"), (56, "<Q"), (64, "<Q"), (72, "<Q"), (80, "<Q"), (88, "<Q"), (96, "<Q"), (104, "<Q"),
-                 (112, "<I"), (116, "<I")]  # format 3: flags, reserved
-SLOT_TOMB = 2**64 - 1
+                 (112, "<I"), (116, "<I")]  # flags, reserved
+ROW_FIELD = 2**40 - 1  # an index slot: fingerprint << 40 | row field (0 empty, all ones tombstone, row + 1)
+SEQ_UNCHECKED = 0x00FFFFFE  # bits of a row's seq word no checksum covers: its write count
 EXAMPLES = int(os.environ.get("EMBKV_FUZZ_EXAMPLES", "1000"))  # per key type; raise it for a deeper run
 FUZZ = settings(max_examples=EXAMPLES, deadline=2000, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -109,25 +110,24 @@ class Base:
         cls[COUNTERS_OFFSET : COUNTERS_OFFSET + 64] = 2
         for lo, hi in MUST_DETECT_COUNTERS:
             cls[lo:hi] = 1
-        slots = np.frombuffer(self.data, dtype=np.uint64, count=2 * lay.slot_count,
-                              offset=lay.index_offset).reshape(-1, 2)
-        for i, (_, row) in enumerate(slots.tolist()):
-            at = lay.index_offset + 16 * i
-            if row == 0:
-                cls[at + 8 : at + 16] = 1  # an empty slot's key is unused; a row there makes it live
-            elif row == SLOT_TOMB:
-                cls[at + 8 : at + 16] = 1  # a tombstone's key is unused too
+        slots = np.frombuffer(self.data, dtype=np.uint64, count=lay.slot_count, offset=lay.index_offset)
+        for i, word in enumerate(slots.tolist()):
+            at = lay.index_offset + 8 * i
+            field = word & ROW_FIELD
+            if field in (0, ROW_FIELD):
+                cls[at : at + 5] = 1  # an empty slot's or tombstone's fingerprint is unused; its row field is not
             else:
-                cls[at : at + 16] = 1
-                r = row - 1
+                cls[at : at + 8] = 1
+                r = field - 1
                 start = lay.rows_offset + r * lay.row_stride
                 cls[start : start + lay.row_header + lay.vec_bytes] = 1
-                # seq word: bits 1..31 count writes and are not covered by the checksum
+                # seq word: bits 1..23 count writes and are not covered by the checksum
                 self._count_bits.append(start)
-                if key_type == "str":
-                    meta = np.frombuffer(self.data, dtype=np.uint64, count=4, offset=start)
-                    off, length = int(meta[2]), int(meta[3])
-                    cls[lay.heap_offset + off : lay.heap_offset + off + length] = 1
+                seq = int.from_bytes(self.data[start : start + 8], "little")
+                if key_type == "str" and (seq >> 24) & 0xFF == 255:  # a long key: length and bytes in the heap
+                    off = int.from_bytes(self.data[start + 24 : start + 32], "little")
+                    length = int.from_bytes(self.data[lay.heap_offset + off : lay.heap_offset + off + 8], "little")
+                    cls[lay.heap_offset + off : lay.heap_offset + off + 8 + length] = 1
         cls[lay.freelist_offset : lay.freelist_offset + 8 * lay.row_capacity] = 2
         self.cls = cls
 
@@ -142,7 +142,7 @@ class Base:
         for start in self._count_bits:  # changes confined to the write counter of a seq word
             word_a = int.from_bytes(self.data[start : start + 8], "little")
             word_b = int.from_bytes(mutated[start : start + 8], "little")
-            if word_a != word_b and not (word_a ^ word_b) & 0xFFFFFFFF_00000001:
+            if word_a != word_b and not (word_a ^ word_b) & ~SEQ_UNCHECKED:
                 diff[start : start + 8] = False
         changed = np.flatnonzero(diff)
         if not len(changed):
@@ -167,7 +167,8 @@ def fuzz_folder() -> Iterator[str]:
                 # one tagged int8 table, one untagged bfloat16 one: every row form the kernels decode
                 t = s.create_table(key_type, 4, key_type=key_type, capacity=64, tags=key_type == "int64",
                                    dtype="int8" if key_type == "int64" else "bfloat16")
-                ks: list[Any] = list(range(40)) if key_type == "int64" else [f"k{i}" for i in range(40)]
+                long_keys = [f"a-key-longer-than-24-bytes-{i}" for i in range(6)]  # kept in the heap
+                ks: list[Any] = list(range(40)) if key_type == "int64" else [f"k{i}" for i in range(34)] + long_keys
                 t.put(ks, np.arange(160, dtype=np.float32).reshape(40, 4))
                 t.put(ks[:10], -np.arange(40, dtype=np.float32).reshape(10, 4))  # free rows
                 t.delete(ks[30:35])  # tombstones
@@ -384,11 +385,20 @@ def _file(folder: str, key_type: str = "int64") -> tuple[str, Layout]:
 
 
 def _live_slot(path: str, lay: Layout, n: int = 0) -> tuple[int, int, int]:
-    """(slot index, key field, row) of the n-th live slot."""
-    slots = np.fromfile(path, dtype=np.uint64, count=2 * lay.slot_count, offset=lay.index_offset).reshape(-1, 2)
-    live = np.flatnonzero((slots[:, 1] != 0) & (slots[:, 1] != np.uint64(SLOT_TOMB)))
+    """(slot index, the word after the row's seq (an int table's key), row) of the n-th live slot."""
+    slots = np.fromfile(path, dtype=np.uint64, count=lay.slot_count, offset=lay.index_offset)
+    field = slots & np.uint64(ROW_FIELD)
+    live = np.flatnonzero((field != 0) & (field != np.uint64(ROW_FIELD)))
     i = int(live[n])
-    return i, int(slots[i, 0]), int(slots[i, 1]) - 1
+    row = int(field[i]) - 1
+    key = np.fromfile(path, dtype=np.int64, count=1, offset=lay.rows_offset + row * lay.row_stride + 8)[0]
+    return i, int(key), row
+
+
+def _set_row_field(path: str, lay: Layout, slot: int, row_field: int) -> None:
+    """Point index slot ``slot`` at ``row_field`` (row + 1), keeping its fingerprint."""
+    word = int(np.fromfile(path, dtype=np.uint64, count=1, offset=lay.index_offset + 8 * slot)[0])
+    _poke(path, lay.index_offset + 8 * slot, struct.pack("<Q", (word & ~ROW_FIELD) | row_field))
 
 
 def _poke(path: str, offset: int, data: bytes) -> None:
@@ -477,11 +487,11 @@ def test_check_names_a_flipped_vector_byte_and_repair_drops_the_row(store_path):
     assert len(t) == 39 and not t.contains([key])[0]
 
 
-@pytest.mark.parametrize("field", ["key", "row"])
+@pytest.mark.parametrize("field", ["fingerprint", "row"])
 def test_check_names_a_damaged_index_slot(store_path, field):
     path, lay = _file(store_path)
     slot, _, _ = _live_slot(path, lay)
-    _xor(path, lay.index_offset + 16 * slot + (0 if field == "key" else 8), 0x02)
+    _xor(path, lay.index_offset + 8 * slot + (6 if field == "fingerprint" else 0), 0x02)
     report = check_table(path)
     assert not report.ok and not report.fatal
     text = " ".join(report.problems)
@@ -489,13 +499,19 @@ def test_check_names_a_damaged_index_slot(store_path, field):
             or "cannot be found" in text or "rows-used" in text), text
 
 
-def test_check_names_damaged_string_key_bytes(store_path):
-    path, lay = _file(store_path, "str")
+@pytest.mark.parametrize(("at", "problem"), [(8 + 3, "differing from it"),  # in the prefix the row keeps too
+                                            (8 + 20, "different key than their index slot")])
+def test_check_names_damaged_string_key_bytes(store_path, at, problem):
+    with embkv.open(store_path) as s:
+        s.create_table("t", 4, key_type="str").put(["k" * 30], np.ones((1, 4), dtype=np.float32))
+    path = os.path.join(store_path, "t.ekv")
+    with open(path, "rb") as f:
+        lay = Layout.parse(f.read(4096), os.path.getsize(path))
     _, _, row = _live_slot(path, lay)
-    meta = np.fromfile(path, dtype=np.uint64, count=4, offset=lay.rows_offset + row * lay.row_stride)
-    _xor(path, lay.heap_offset + int(meta[2]), 0x20)
+    heap_at = int(np.fromfile(path, dtype=np.uint64, count=1, offset=lay.rows_offset + row * lay.row_stride + 24)[0])
+    _xor(path, lay.heap_offset + heap_at + at, 0x20)  # the heap record: u64 length, then the key bytes
     report = check_table(path)
-    assert any("key bytes do not match their hash" in p for p in report.problems), report.problems
+    assert any(problem in p for p in report.problems), report.problems
 
 
 def test_check_names_a_half_written_row(store_path):
@@ -519,13 +535,14 @@ def test_superseded_flag_in_current_file_does_not_hang(store_path):
     assert not report.ok, "check should name the flag"
 
 
-def test_index_row_number_above_2_63_is_reported(store_path):
+def test_index_row_field_beyond_the_row_area_is_reported(store_path):
     """Regression test: before c7e6f91 check converted row numbers to int64, so a slot whose row
-    field has the top bit set became a negative row that passed the range test, and numpy
-    indexing raised IndexError (check must never raise)."""
+    field had the top bit set became a negative row that passed the range test, and numpy
+    indexing raised IndexError (check must never raise). Rows are 40-bit fields now; the
+    largest one is tested."""
     path, lay = _file(store_path)
     slot, _, _ = _live_slot(path, lay)
-    _poke(path, lay.index_offset + 16 * slot + 8, struct.pack("<Q", 2**63 + 5))
+    _set_row_field(path, lay, slot, ROW_FIELD - 1)
     report = check_table(path)
     assert any("outside the row area" in p for p in report.problems), report.problems
 
@@ -537,7 +554,7 @@ def test_growth_does_not_launder_a_damaged_index_entry(store_path):
     valid-looking row holding another row's bytes, and check then reported the table OK."""
     path, lay = _file(store_path)
     slot, key, _ = _live_slot(path, lay)
-    _poke(path, lay.index_offset + 16 * slot + 8, struct.pack("<Q", 2**64 - 2))  # row -3 as int64
+    _set_row_field(path, lay, slot, lay.row_capacity + 5)
     t = embkv.open(store_path)["t"]
     with pytest.raises(embkv.CorruptTableError):
         t.get([key])

@@ -265,16 +265,17 @@ def test_create_table_exist_ok(store):
 
 def test_info_reports_schema_and_counts(store):
     t = store.create_table("t", dim=8, dtype="float64", key_type="str", capacity=100)
-    t.put(["a", "bb"], np.ones((2, 8)))
+    t.put(["a", "bb", "k" * 30], np.ones((3, 8)))
     t.delete(["a"])
     info = t.info()
     assert info["name"] == "t" and info["path"] == os.path.join(store.path, "t.ekv")
     assert (info["dim"], info["dtype"], info["key_type"]) == (8, "float64", "str")
-    assert info["rows"] == 1 and info["capacity"] == 100 and info["deleted_slots"] == 1
+    assert info["rows"] == 2 and info["capacity"] == 100 and info["deleted_slots"] == 1
     assert info["memory_only"] is True and info["kernel"] == embkv.KERNEL_BACKEND
-    assert info["key_heap_bytes"].startswith("3/")
+    assert info["key_heap_bytes"].startswith("38/")  # short keys live in their row; the long one: length + bytes
+    assert 0 < info["allocated_bytes"] <= info["file_bytes"]
     assert info["file_bytes"] == os.path.getsize(t.path)
-    assert "'t'" in repr(t) and "1 rows" in repr(t) and store.path in repr(store)
+    assert "'t'" in repr(t) and "2 rows" in repr(t) and store.path in repr(store)
 
 
 # ------------------------------------------------------------------ other handles, mappings

@@ -259,25 +259,26 @@ def drop(store: str, table: str) -> None:
 @click.argument("store")
 @click.argument("table", required=False)
 def upgrade(store: str, table: str | None) -> None:
-    """Rewrite STORE's tables (or TABLE) written by an older embkv in the current file format.
+    """Rewrite STORE's tables (or TABLE) written by embkv 0.2 in the current file format.
 
-    Each table is copied into a new version and published atomically: readers keep reading,
-    and every key keeps its vector. Tables already current are left as they are.
+    This embkv reads only the current format; a table in an older one says to run this.
+    Each table is copied into a new version and published atomically: every key keeps its
+    vector and tag, and embkv 0.2 readers still mapping the old file let it go. Tables
+    already current are left as they are.
     """
     s = embkv.open(store)
     names = [table] if table else s.list_tables()
     failed = 0
     for name in names:
         try:
-            before = s[name].info()["format_version"]
-        except embkv.FormatVersionError as exc:  # embkv 0.1's files: this version cannot read them
+            upgraded = s.upgrade_table(name)
+        except (embkv.FormatVersionError, embkv.StorageError) as exc:  # embkv 0.1's files; a dead 0.2 writer
             click.echo(f"{name}: not upgraded: {exc}", err=True)
             failed += 1
             continue
-        if s.upgrade_table(name):
-            click.echo(f"{name}: upgraded from format version {before} to {s[name].info()['format_version']}")
-        else:
-            click.echo(f"{name}: already format version {before}")
+        version = s[name].info()["format_version"]
+        click.echo(f"{name}: upgraded to format version {version}" if upgraded
+                   else f"{name}: already format version {version}")
     if failed:
         raise click.ClickException(f"{failed} table(s) could not be upgraded")
 

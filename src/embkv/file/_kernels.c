@@ -27,8 +27,21 @@
 #define XXH_INLINE_ALL
 #include "_vendor/xxhash.h"
 
+/* an index slot is one u64: a 24-bit fingerprint of the key's hash above a 40-bit row field
+ * (0 empty, all ones a tombstone, else row number + 1); one store switches it atomically */
 #define SLOT_EMPTY 0ULL
-#define SLOT_TOMB UINT64_MAX
+#define ROW_BITS 40
+#define ROW_FIELD ((1ULL << ROW_BITS) - 1)
+#define SLOT_TOMB ROW_FIELD
+#define FP_MASK 0xFFFFFFULL
+#define FINGERPRINT(h) ((h)&FP_MASK)
+
+/* a row's sequence word: checksum (high 32) | key code (8) | write count (low 24, odd while written) */
+#define SEQ_COUNT 0xFFFFFFULL
+#define SEQ_CODE_SHIFT 24
+#define SEQ_CODE(w) (((w) >> SEQ_CODE_SHIFT) & 0xFF)
+#define LONG_KEY 255 /* key code of a string key longer than INLINE_KEY: prefix in the row, all of it in the heap */
+#define LONG_PREFIX 16
 
 #define KEY_INT 1
 #define KEY_STR 2
@@ -48,7 +61,7 @@
 #define C_DIRTY 7
 
 #define COUNTERS_OFFSET 128
-#define INLINE_KEY 24 /* string keys up to this many bytes are compared in the row, no heap read */
+#define INLINE_KEY 24 /* string keys up to this many bytes live in the row only (no heap) */
 #define SPIN_BUDGET 200000
 #define GIL_RELEASE_MIN 64
 #define PREFETCH_CHUNK 32
@@ -73,19 +86,13 @@
 #define R_BUSY -2
 
 typedef struct {
-    uint64_t key; /* int key, or 64-bit xxh3 hash of a string key */
-    uint64_t row; /* 0 empty, UINT64_MAX tombstone, else row index + 1 */
-} slot_t;
-
-typedef struct {
     PyObject_HEAD
     Py_buffer buf;
     int has_buf;
     int writable;
     char *base;
     uint64_t size;
-    uint64_t slot_count;
-    uint64_t mask;
+    uint64_t slot_count; /* any count: a key's home slot is mulhi(hash, slot_count) */
     uint64_t row_capacity;
     uint64_t heap_capacity;
     uint64_t row_stride;
@@ -96,7 +103,7 @@ typedef struct {
     int quant;          /* QUANT_NONE, QUANT_INT8 (float32 scale, then dim int8 codes), QUANT_BF16 */
     uint64_t tag_word;  /* index of the row's tag word (the last word of the row header); 0: untagged rows */
     int key_type;
-    slot_t *slots;
+    uint64_t *slots;
     char *rows;
     uint64_t *freelist;
     char *heap;
@@ -161,13 +168,14 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     uint64_t idx_bytes, row_bytes, free_bytes;
     int bad = 0;
     bad |= (key_type != KEY_INT && key_type != KEY_STR);
-    bad |= (slot_count == 0 || (slot_count & (slot_count - 1)) != 0);
-    bad |= (row_header != (key_type == KEY_INT ? 16u : 32u + INLINE_KEY) + (tagged ? 8u : 0u));
+    bad |= (slot_count < 16 || slot_count > (1ULL << (ROW_BITS + 1)));
+    bad |= (row_header != (key_type == KEY_INT ? 16u : 8u + INLINE_KEY) + (tagged ? 8u : 0u));
+    bad |= (row_capacity >= ROW_FIELD - 1);
     bad |= (vec_bytes == 0 || row_header + vec_bytes > row_stride || (row_stride % 8) != 0);
     bad |= (quant != QUANT_NONE && quant != QUANT_INT8 && quant != QUANT_BF16) || dim == 0 || dim > (1u << 20);
     bad |= (quant == QUANT_INT8 && vec_bytes != 4 + dim) || (quant == QUANT_BF16 && vec_bytes != 2 * dim);
     bad |= (index_off % 8) || (rows_off % 8) || (free_off % 8);
-    bad |= __builtin_mul_overflow(slot_count, (uint64_t)sizeof(slot_t), &idx_bytes);
+    bad |= __builtin_mul_overflow(slot_count, (uint64_t)8, &idx_bytes);
     bad |= __builtin_mul_overflow(row_capacity, row_stride, &row_bytes);
     bad |= __builtin_mul_overflow(row_capacity, (uint64_t)8, &free_bytes);
     if (!bad) {
@@ -185,7 +193,6 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     self->slot_count = slot_count;
-    self->mask = slot_count - 1;
     self->row_capacity = row_capacity;
     self->heap_capacity = heap_capacity;
     self->row_stride = row_stride;
@@ -196,7 +203,7 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     self->out_bytes = quant == QUANT_NONE ? vec_bytes : 4 * dim;
     self->tag_word = tagged ? row_header / 8 - 1 : 0;
     self->key_type = key_type;
-    self->slots = (slot_t *)(self->base + index_off);
+    self->slots = (uint64_t *)(self->base + index_off);
     self->rows = self->base + rows_off;
     self->freelist = (uint64_t *)(self->base + free_off);
     self->heap = self->base + heap_off;
@@ -271,91 +278,66 @@ static inline void copy_vec(View *v, char *dst, const char *src)
         bits[j] = (uint32_t)half[j] << 16;
 }
 
-static int find_int(View *v, uint64_t key, uint64_t start, char *dst, uint64_t *tag_out)
+/* where a hash's probe starts: the high half of hash * slot_count (no power-of-two table needed) */
+static inline uint64_t home_slot(const View *v, uint64_t h)
 {
-    uint64_t j = start & v->mask;
-    uint64_t budget = SPIN_BUDGET;
-    uint64_t step = 0;
-    while (step < v->slot_count) {
-        slot_t *s = &v->slots[j];
-        uint64_t srow = LOAD_ACQ(&s->row);
-        if (srow == SLOT_EMPTY)
-            return R_MISS;
-        if (srow == SLOT_TOMB || LOAD_RLX(&s->key) != key) {
-            j = (j + 1) & v->mask;
-            step++;
-            continue;
-        }
-        uint64_t r = srow - 1;
-        if (r >= v->row_capacity)
-            return R_CORRUPT;
-        uint64_t *meta = row_meta(v, r);
-        uint64_t s1 = LOAD_ACQ(&meta[0]);
-        if (!(s1 & 1)) {
-            uint64_t rk = LOAD_RLX(&meta[1]);
-            uint64_t tag = v->tag_word ? LOAD_RLX(&meta[v->tag_word]) : 0;
-            if (dst)
-                copy_vec(v, dst, row_vec(v, r));
-            __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (LOAD_RLX(&meta[0]) == s1) {
-                if (rk == key) {
-                    *tag_out = tag;
-                    return R_HIT;
-                }
-                /* a stable row holding another key: skip the slot if it still points here and the
-                 * row was not rewritten meanwhile (it may have left and come back: ABA), otherwise
-                 * the writer moved things and the slot is read again */
-                if (LOAD_ACQ(&s->row) == srow && LOAD_ACQ(&meta[0]) == s1) {
-                    j = (j + 1) & v->mask;
-                    step++;
-                    continue;
-                }
-            }
-        }
-        if (--budget == 0)
-            return R_BUSY;
-        backoff(budget);
-    }
-    return R_MISS;
+    return (uint64_t)(((unsigned __int128)h * v->slot_count) >> 64);
 }
 
-/* does the string row with these fields hold key kb[0:kl]? (inline bytes first, heap for the rest) */
-static inline int str_key_equal(View *v, const uint64_t *meta, uint64_t off, uint64_t len, const char *kb, uint64_t kl)
+static inline uint64_t next_slot(const View *v, uint64_t j) { return j + 1 == v->slot_count ? 0 : j + 1; }
+
+static inline uint64_t slot_word(uint64_t h, uint64_t r) { return (FINGERPRINT(h) << ROW_BITS) | (r + 1); }
+
+/* the bytes of a string row's key: inline (code <= INLINE_KEY), or (LONG_KEY) a prefix in the
+ * row and the whole key in the heap as u64 length | bytes. Bounds-checked: the reader may see a
+ * row being rewritten, and the file may be damaged */
+static inline int str_key_equal(const View *v, const uint64_t *meta, uint64_t code, const char *kb, uint64_t kl)
 {
-    if (len != kl)
-        return 0;
-    const char *inl = (const char *)&meta[4];
+    const char *area = (const char *)&meta[1];
     if (kl <= INLINE_KEY)
-        return memcmp(inl, kb, kl) == 0;
-    return memcmp(inl, kb, INLINE_KEY) == 0 && check_range(off, len, v->heap_capacity) &&
-           memcmp(v->heap + off + INLINE_KEY, kb + INLINE_KEY, kl - INLINE_KEY) == 0;
+        return code == kl && memcmp(area, kb, kl) == 0;
+    if (code != LONG_KEY || memcmp(area, kb, LONG_PREFIX) != 0)
+        return 0;
+    uint64_t off, len;
+    memcpy(&off, area + LONG_PREFIX, 8);
+    if (!check_range(off, 8, v->heap_capacity))
+        return 0;
+    memcpy(&len, v->heap + off, 8);
+    return len == kl && check_range(off + 8, len, v->heap_capacity) &&
+           memcmp(v->heap + off + 8 + LONG_PREFIX, kb + LONG_PREFIX, kl - LONG_PREFIX) == 0;
 }
 
-static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst, uint64_t *tag_out)
+/* does row meta (sequence word s) hold the key: an int key, or kb[0:kl] */
+static inline int row_holds(const View *v, const uint64_t *meta, uint64_t s, uint64_t ikey, const char *kb, uint64_t kl)
 {
-    uint64_t j = h & v->mask;
+    if (v->key_type == KEY_INT)
+        return LOAD_RLX(&meta[1]) == ikey;
+    return str_key_equal(v, meta, SEQ_CODE(s), kb, kl);
+}
+
+/* the reader's probe, for both key types: h is mix64(int key) or the string key's xxh3 */
+static int find_key(View *v, uint64_t h, uint64_t ikey, const char *kb, uint64_t kl, char *dst, uint64_t *tag_out)
+{
+    uint64_t j = home_slot(v, h), fp = FINGERPRINT(h);
     uint64_t budget = SPIN_BUDGET;
     uint64_t step = 0;
     while (step < v->slot_count) {
-        slot_t *s = &v->slots[j];
-        uint64_t srow = LOAD_ACQ(&s->row);
-        if (srow == SLOT_EMPTY)
+        uint64_t w = LOAD_ACQ(&v->slots[j]);
+        uint64_t rf = w & ROW_FIELD;
+        if (rf == SLOT_EMPTY)
             return R_MISS;
-        if (srow == SLOT_TOMB || LOAD_RLX(&s->key) != h) {
-            j = (j + 1) & v->mask;
+        if (rf == SLOT_TOMB || (w >> ROW_BITS) != fp) {
+            j = next_slot(v, j);
             step++;
             continue;
         }
-        uint64_t r = srow - 1;
+        uint64_t r = rf - 1;
         if (r >= v->row_capacity)
             return R_CORRUPT;
         uint64_t *meta = row_meta(v, r);
         uint64_t s1 = LOAD_ACQ(&meta[0]);
         if (!(s1 & 1)) {
-            uint64_t rh = LOAD_RLX(&meta[1]);
-            uint64_t off = LOAD_RLX(&meta[2]);
-            uint64_t len = LOAD_RLX(&meta[3]);
-            int same = rh == h && str_key_equal(v, meta, off, len, kb, kl);
+            int same = row_holds(v, meta, s1, ikey, kb, kl);
             uint64_t tag = v->tag_word ? LOAD_RLX(&meta[v->tag_word]) : 0;
             if (same && dst)
                 copy_vec(v, dst, row_vec(v, r));
@@ -365,9 +347,11 @@ static int find_str(View *v, uint64_t h, const char *kb, uint64_t kl, char *dst,
                     *tag_out = tag;
                     return R_HIT;
                 }
-                /* same hash, other key (a collision) or a reused row: see find_int */
-                if (LOAD_ACQ(&s->row) == srow && LOAD_ACQ(&meta[0]) == s1) {
-                    j = (j + 1) & v->mask;
+                /* a stable row holding another key (a fingerprint collision): skip the slot if
+                 * it still points here and the row was not rewritten meanwhile (it may have left
+                 * and come back: ABA), otherwise the writer moved things and the slot is read again */
+                if (LOAD_ACQ(&v->slots[j]) == w && LOAD_ACQ(&meta[0]) == s1) {
+                    j = next_slot(v, j);
                     step++;
                     continue;
                 }
@@ -539,16 +523,16 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
         for (uint64_t c = 0; c < m; c++) {
             uint64_t i = base + c;
             starts[c] = ikeys ? mix64((uint64_t)ikeys[i]) : (pk ? pk->hashes[i] : sk->hashes[i]);
-            __builtin_prefetch(&self->slots[starts[c] & self->mask]);
+            __builtin_prefetch(&self->slots[home_slot(self, starts[c])]);
         }
         if (m > 1) {
             /* stage 2: the rows the home slots name (a hint only: the validated read follows) */
             for (uint64_t c = 0; c < m; c++) {
-                uint64_t srow = LOAD_RLX(&self->slots[starts[c] & self->mask].row);
+                uint64_t rf = LOAD_RLX(&self->slots[home_slot(self, starts[c])]) & ROW_FIELD;
                 rows[c] = UINT64_MAX;
-                if (srow != SLOT_EMPTY && srow != SLOT_TOMB && srow - 1 < self->row_capacity) {
-                    rows[c] = srow - 1;
-                    __builtin_prefetch(row_meta(self, srow - 1));
+                if (rf != SLOT_EMPTY && rf != SLOT_TOMB && rf - 1 < self->row_capacity) {
+                    rows[c] = rf - 1;
+                    __builtin_prefetch(row_meta(self, rf - 1));
                 }
             }
             /* stage 3: a long string key's bytes in the heap (prefetching vector lines too measured slower) */
@@ -558,9 +542,9 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
                 if (rows[c] == UINT64_MAX || kl <= INLINE_KEY) /* short keys compare in the row */
                     continue;
                 uint64_t *meta = row_meta(self, rows[c]);
-                uint64_t off = LOAD_RLX(&meta[2]);
-                if (LOAD_RLX(&meta[3]) > INLINE_KEY && off < self->heap_capacity)
-                    __builtin_prefetch(self->heap + off + INLINE_KEY);
+                uint64_t off = LOAD_RLX(&meta[3]); /* a long key's heap offset, after its prefix */
+                if (SEQ_CODE(LOAD_RLX(&meta[0])) == LONG_KEY && off < self->heap_capacity)
+                    __builtin_prefetch(self->heap + off);
             }
         }
         for (uint64_t c = 0; c < m; c++) {
@@ -569,11 +553,11 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
             uint64_t tag = 0;
             int r;
             if (ikeys)
-                r = find_int(self, (uint64_t)ikeys[i], starts[c], dst, &tag);
+                r = find_key(self, starts[c], (uint64_t)ikeys[i], NULL, 0, dst, &tag);
             else if (pk)
-                r = find_str(self, starts[c], pk->blob + pk->offs[i], pk->offs[i + 1] - pk->offs[i], dst, &tag);
+                r = find_key(self, starts[c], 0, pk->blob + pk->offs[i], pk->offs[i + 1] - pk->offs[i], dst, &tag);
             else
-                r = find_str(self, starts[c], sk->ptrs[i], sk->lens[i], dst, &tag);
+                r = find_key(self, starts[c], 0, sk->ptrs[i], sk->lens[i], dst, &tag);
             if (r < 0) {
                 code = r;
                 bad_i = i;
@@ -803,27 +787,50 @@ static void free_row(View *v, uint64_t r)
     STORE_REL(&v->ctr[C_FREE], nfree + 1);
 }
 
-/* checksum of a row: xxh3 of everything after the sequence word (key fields and vector) */
-static inline uint32_t row_checksum(View *v, uint64_t r)
+/* checksum of a row: xxh3 of everything after the sequence word (key fields, tag, vector),
+ * seeded with the key code the sequence word carries, so a damaged code is caught too */
+static inline uint32_t row_checksum(View *v, uint64_t r, uint64_t code)
 {
-    return (uint32_t)XXH3_64bits(v->rows + r * v->row_stride + 8, v->row_header - 8 + v->vec_bytes);
+    return (uint32_t)XXH3_64bits_withSeed(v->rows + r * v->row_stride + 8, v->row_header - 8 + v->vec_bytes, code);
 }
 
-static void write_row(View *v, uint64_t r, const uint64_t *meta, int nmeta, const char *vec)
+static void write_row(View *v, uint64_t r, uint64_t code, const uint64_t *meta, int nmeta, const char *vec)
 {
-    /* the sequence word: low 32 bits a counter (odd while writing), high 32 bits the row checksum */
     uint64_t *m = row_meta(v, r);
     uint64_t word = m[0];
-    uint32_t count = (uint32_t)word;
+    uint64_t count = word & SEQ_COUNT;
     if (count & 1) /* left odd by a writer killed mid-row: the row was unreferenced, just move on */
         count++;
-    STORE_RLX(&m[0], (word & 0xFFFFFFFF00000000ULL) | (uint32_t)(count + 1));
+    STORE_RLX(&m[0], (word & ~SEQ_COUNT) | ((count + 1) & SEQ_COUNT));
     __atomic_thread_fence(__ATOMIC_RELEASE);
     for (int i = 0; i < nmeta; i++)
         STORE_RLX(&m[1 + i], meta[i]);
     memcpy(row_vec(v, r), vec, v->vec_bytes);
-    uint64_t sum = row_checksum(v, r);
-    STORE_REL(&m[0], (sum << 32) | (uint32_t)(count + 2));
+    uint64_t sum = row_checksum(v, r, code);
+    STORE_REL(&m[0], (sum << 32) | (code << SEQ_CODE_SHIFT) | ((count + 2) & SEQ_COUNT));
+}
+
+/* a string row's key: its bytes (inline, or in the heap) and length; 0 if the row is damaged */
+static int row_str_key(const View *v, const uint64_t *meta, const char **kb, uint64_t *kl)
+{
+    uint64_t code = SEQ_CODE(meta[0]);
+    const char *area = (const char *)&meta[1];
+    if (code <= INLINE_KEY) {
+        *kb = area;
+        *kl = code;
+        return 1;
+    }
+    uint64_t off, len;
+    memcpy(&off, area + LONG_PREFIX, 8);
+    if (code != LONG_KEY || !check_range(off, 8, v->heap_capacity))
+        return 0;
+    memcpy(&len, v->heap + off, 8);
+    if (len <= INLINE_KEY || !check_range(off + 8, len, v->heap_capacity) ||
+        memcmp(v->heap + off + 8, area, LONG_PREFIX) != 0)
+        return 0;
+    *kb = v->heap + off + 8;
+    *kl = len;
+    return 1;
 }
 
 /* verify_rows(rows) -> list of (row, problem) for rows whose checksum or key bytes are wrong */
@@ -850,18 +857,16 @@ static PyObject *View_verify_rows(View *self, PyObject *args)
         } else {
             uint64_t *m = row_meta(self, r);
             uint64_t word = LOAD_ACQ(&m[0]);
+            const char *kb;
+            uint64_t kl;
             if (word & 1)
                 problem = "row left half-written (odd sequence)";
-            else if ((uint32_t)(word >> 32) != row_checksum(self, r))
+            else if ((uint32_t)(word >> 32) != row_checksum(self, r, SEQ_CODE(word)))
                 problem = "row checksum mismatch (vector or key damaged)";
-            else if (self->key_type == KEY_STR) {
-                if (!check_range(m[2], m[3], self->heap_capacity))
-                    problem = "string key outside the key heap";
-                else if (XXH3_64bits(self->heap + m[2], m[3]) != m[1])
-                    problem = "string key bytes do not match their hash";
-                else if (!str_key_equal(self, m, m[2], m[3], self->heap + m[2], m[3]))
-                    problem = "string key bytes in the row differ from the key heap";
-            }
+            else if (self->key_type == KEY_INT && SEQ_CODE(word) != 0)
+                problem = "int row with a string key code";
+            else if (self->key_type == KEY_STR && !row_str_key(self, m, &kb, &kl))
+                problem = "string key bytes outside the key heap or differing from it";
         }
         if (problem) {
             PyObject *item = Py_BuildValue("(Ks)", (unsigned long long)r, problem);
@@ -878,38 +883,33 @@ static PyObject *View_verify_rows(View *self, PyObject *args)
     return bad;
 }
 
-/* locate key for the writer: *slot_out = matching slot, or the slot to insert at */
-static int writer_probe(View *v, uint64_t slotkey, const char *kb, uint64_t kl, uint64_t start, uint64_t *slot_out,
+/* locate a key for the writer: *slot_out = its slot, or the slot to insert it at */
+static int writer_probe(View *v, uint64_t h, uint64_t ikey, const char *kb, uint64_t kl, uint64_t *slot_out,
                         int *found)
 {
-    uint64_t j = start & v->mask;
+    uint64_t j = home_slot(v, h), fp = FINGERPRINT(h);
     uint64_t first_tomb = UINT64_MAX;
     for (uint64_t step = 0; step < v->slot_count; step++) {
-        uint64_t srow = v->slots[j].row;
-        if (srow == SLOT_EMPTY) {
+        uint64_t w = v->slots[j], rf = w & ROW_FIELD;
+        if (rf == SLOT_EMPTY) {
             *slot_out = first_tomb != UINT64_MAX ? first_tomb : j;
             *found = 0;
             return 0;
         }
-        if (srow == SLOT_TOMB) {
+        if (rf == SLOT_TOMB) {
             if (first_tomb == UINT64_MAX)
                 first_tomb = j;
-        } else if (v->slots[j].key == slotkey) {
-            uint64_t r = srow - 1;
-            if (r >= v->row_capacity)
+        } else if ((w >> ROW_BITS) == fp) {
+            if (rf - 1 >= v->row_capacity)
                 return R_CORRUPT;
-            int same = 1;
-            if (v->key_type == KEY_STR) {
-                uint64_t *m = row_meta(v, r);
-                same = str_key_equal(v, m, m[2], m[3], kb, kl);
-            }
-            if (same) {
+            uint64_t *m = row_meta(v, rf - 1);
+            if (row_holds(v, m, m[0], ikey, kb, kl)) {
                 *slot_out = j;
                 *found = 1;
                 return 0;
             }
         }
-        j = (j + 1) & v->mask;
+        j = next_slot(v, j);
     }
     if (first_tomb != UINT64_MAX) {
         *slot_out = first_tomb;
@@ -919,45 +919,54 @@ static int writer_probe(View *v, uint64_t slotkey, const char *kb, uint64_t kl, 
     return R_CORRUPT; /* a full index never happens under the load-factor cap */
 }
 
-static int put_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl, const char *vec, uint64_t tag)
+/* heap bytes a new string key takes: none when it fits in the row, else its length word and bytes */
+static inline uint64_t heap_need(uint64_t kl) { return kl <= INLINE_KEY ? 0 : 8 + kl; }
+
+static int put_one(View *v, uint64_t h, uint64_t ikey, const char *kb, uint64_t kl, const char *vec, uint64_t tag)
 {
-    uint64_t start = v->key_type == KEY_INT ? mix64(slotkey) : slotkey;
     uint64_t j, r;
     int found, rc;
-    if ((rc = writer_probe(v, slotkey, kb, kl, start, &j, &found)) < 0)
+    if ((rc = writer_probe(v, h, ikey, kb, kl, &j, &found)) < 0)
         return rc;
     if ((rc = alloc_row(v, &r)) < 0)
         return rc;
-    slot_t *s = &v->slots[j];
+    uint64_t *s = &v->slots[j];
     /* the tag word is the last header word, present only in tagged tables */
     int with_tag = v->tag_word != 0;
     if (v->key_type == KEY_INT) {
-        uint64_t meta[2] = {slotkey, tag};
-        write_row(v, r, meta, 1 + with_tag, vec);
+        uint64_t meta[2] = {ikey, tag};
+        write_row(v, r, 0, meta, 1 + with_tag, vec);
     } else {
-        uint64_t meta[7] = {slotkey, 0, kl, 0, 0, 0, tag};
-        memcpy(&meta[3], kb, kl < INLINE_KEY ? kl : INLINE_KEY);
-        if (found) {
-            meta[1] = row_meta(v, s->row - 1)[2]; /* same key bytes: share them */
+        uint64_t meta[4] = {0, 0, 0, tag};
+        uint64_t code = kl;
+        if (kl <= INLINE_KEY) {
+            memcpy(meta, kb, kl);
         } else {
-            uint64_t used = v->ctr[C_HEAP_USED];
-            if (!check_range(used, kl, v->heap_capacity))
-                return R_CORRUPT; /* pre-checked */
-            memcpy(v->heap + used, kb, kl);
-            STORE_REL(&v->ctr[C_HEAP_USED], used + kl);
-            meta[1] = used;
+            uint64_t off;
+            code = LONG_KEY;
+            memcpy(meta, kb, LONG_PREFIX);
+            if (found) {
+                memcpy(&off, (const char *)&row_meta(v, (*s & ROW_FIELD) - 1)[1] + LONG_PREFIX, 8); /* same bytes: share */
+            } else {
+                off = v->ctr[C_HEAP_USED];
+                if (!check_range(off, heap_need(kl), v->heap_capacity))
+                    return R_CORRUPT; /* pre-checked */
+                memcpy(v->heap + off, &kl, 8);
+                memcpy(v->heap + off + 8, kb, kl);
+                STORE_REL(&v->ctr[C_HEAP_USED], off + heap_need(kl));
+            }
+            memcpy((char *)meta + LONG_PREFIX, &off, 8);
         }
-        write_row(v, r, meta, 6 + with_tag, vec);
+        write_row(v, r, code, meta, 3 + with_tag, vec);
     }
     if (found) {
-        uint64_t old = s->row - 1;
-        STORE_REL(&s->row, r + 1);
+        uint64_t old = (*s & ROW_FIELD) - 1;
+        STORE_REL(s, slot_word(h, r));
         free_row(v, old);
     } else {
-        if (s->row == SLOT_TOMB)
+        if ((*s & ROW_FIELD) == SLOT_TOMB)
             v->ctr[C_TOMBS]--;
-        STORE_RLX(&s->key, slotkey);
-        STORE_REL(&s->row, r + 1);
+        STORE_REL(s, slot_word(h, r));
         v->ctr[C_LIVE]++;
     }
     return 0;
@@ -985,18 +994,16 @@ static int room_for_exact(View *v, const int64_t *ikeys, packed_t *pk, uint64_t 
     uint64_t fresh = 0, fresh_heap = 0, j;
     int found, rc;
     for (uint64_t i = 0; i < n; i++) {
-        if (ikeys)
-            rc = writer_probe(v, (uint64_t)ikeys[i], NULL, 0, mix64((uint64_t)ikeys[i]), &j, &found);
-        else
-            rc = writer_probe(v, pk->hashes[i], pk->blob + pk->offs[i], pk->offs[i + 1] - pk->offs[i], pk->hashes[i],
-                              &j, &found);
+        if (ikeys) {
+            rc = writer_probe(v, mix64((uint64_t)ikeys[i]), (uint64_t)ikeys[i], NULL, 0, &j, &found);
+        } else {
+            uint64_t kl = pk->offs[i + 1] - pk->offs[i];
+            rc = writer_probe(v, pk->hashes[i], 0, pk->blob + pk->offs[i], kl, &j, &found);
+            fresh_heap += found ? 0 : heap_need(kl);
+        }
         if (rc < 0)
             return rc;
-        if (!found) {
-            fresh++;
-            if (pk)
-                fresh_heap += pk->offs[i + 1] - pk->offs[i];
-        }
+        fresh += !found;
     }
     return room_for(v, fresh + 1, fresh_heap);
 }
@@ -1051,7 +1058,8 @@ static PyObject *View_put_int(View *self, PyObject *args)
     const char *vecs = (const char *)vb.buf;
     Py_BEGIN_ALLOW_THREADS for (i = 0; i < n; i++)
     {
-        if ((rc = put_one(self, (uint64_t)keys[i], NULL, 0, vecs + i * self->vec_bytes, tags ? tags[i] : 0)) < 0)
+        uint64_t key = (uint64_t)keys[i];
+        if ((rc = put_one(self, mix64(key), key, NULL, 0, vecs + i * self->vec_bytes, tags ? tags[i] : 0)) < 0)
             break;
     }
     Py_END_ALLOW_THREADS
@@ -1093,7 +1101,10 @@ static PyObject *View_put_str(View *self, PyObject *args)
     }
     if (tags_get(tags_o, pk.n, &tb, &tags) < 0)
         goto out;
-    rc = room_for(self, pk.n, pk.offs[pk.n]);
+    uint64_t heap_bytes = 0;
+    for (i = 0; i < pk.n; i++)
+        heap_bytes += heap_need(pk.offs[i + 1] - pk.offs[i]);
+    rc = room_for(self, pk.n, heap_bytes);
     if (rc == 0)
         rc = room_for_exact(self, NULL, &pk, pk.n);
     if (rc <= 0) {
@@ -1106,8 +1117,8 @@ static PyObject *View_put_str(View *self, PyObject *args)
     const char *vecs = (const char *)vb.buf;
     Py_BEGIN_ALLOW_THREADS for (i = 0; i < pk.n; i++)
     {
-        rc = put_one(self, pk.hashes[i], pk.blob + pk.offs[i], pk.offs[i + 1] - pk.offs[i], vecs + i * self->vec_bytes,
-                     tags ? tags[i] : 0);
+        rc = put_one(self, pk.hashes[i], 0, pk.blob + pk.offs[i], pk.offs[i + 1] - pk.offs[i],
+                     vecs + i * self->vec_bytes, tags ? tags[i] : 0);
         if (rc < 0)
             break;
     }
@@ -1125,17 +1136,16 @@ out:
     return res;
 }
 
-static int delete_one(View *v, uint64_t slotkey, const char *kb, uint64_t kl)
+static int delete_one(View *v, uint64_t h, uint64_t ikey, const char *kb, uint64_t kl)
 {
-    uint64_t start = v->key_type == KEY_INT ? mix64(slotkey) : slotkey;
     uint64_t j;
     int found, rc;
-    if ((rc = writer_probe(v, slotkey, kb, kl, start, &j, &found)) < 0)
+    if ((rc = writer_probe(v, h, ikey, kb, kl, &j, &found)) < 0)
         return rc;
     if (!found)
         return 0;
-    uint64_t old = v->slots[j].row - 1;
-    STORE_REL(&v->slots[j].row, SLOT_TOMB);
+    uint64_t old = (v->slots[j] & ROW_FIELD) - 1;
+    STORE_REL(&v->slots[j], SLOT_TOMB);
     free_row(v, old);
     v->ctr[C_LIVE]--;
     v->ctr[C_TOMBS]++;
@@ -1156,7 +1166,8 @@ static PyObject *View_delete_int(View *self, PyObject *args)
             uint64_t n = (uint64_t)kb.len / 8, deleted = 0, i;
             int rc = 0;
             for (i = 0; i < n; i++) {
-                if ((rc = delete_one(self, (uint64_t)keys[i], NULL, 0)) < 0)
+                uint64_t key = (uint64_t)keys[i];
+                if ((rc = delete_one(self, mix64(key), key, NULL, 0)) < 0)
                     break;
                 deleted += (uint64_t)rc;
             }
@@ -1185,7 +1196,7 @@ static PyObject *View_delete_str(View *self, PyObject *args)
     uint64_t deleted = 0, i;
     int rc = 0;
     for (i = 0; i < pk.n; i++) {
-        if ((rc = delete_one(self, pk.hashes[i], pk.blob + pk.offs[i], pk.offs[i + 1] - pk.offs[i])) < 0)
+        if ((rc = delete_one(self, pk.hashes[i], 0, pk.blob + pk.offs[i], pk.offs[i + 1] - pk.offs[i])) < 0)
             break;
         deleted += (uint64_t)rc;
     }
@@ -1203,22 +1214,20 @@ static PyObject *View_export_str(View *self, PyObject *args)
     PyObject *hashes = NULL, *offs = NULL, *blob = NULL, *res = NULL;
     uint64_t n = (uint64_t)rb.len / 8, total = 0;
     const int64_t *rows = (const int64_t *)rb.buf;
+    const char *kb;
+    uint64_t kl;
     if (require_open(self, 0) < 0 || self->key_type != KEY_STR || rb.len % 8) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "export_str needs int64 rows of a string-keyed table");
         goto out;
     }
     for (uint64_t i = 0; i < n; i++) {
-        if ((uint64_t)rows[i] >= self->row_capacity) {
-            raise_code(R_CORRUPT, i);
+        if ((uint64_t)rows[i] >= self->row_capacity || !row_str_key(self, row_meta(self, (uint64_t)rows[i]), &kb, &kl)) {
+            PyErr_Format(CorruptError ? CorruptError : PyExc_ValueError,
+                         "row %lld holds a damaged string key: the table file is corrupt", (long long)rows[i]);
             goto out;
         }
-        uint64_t *m = row_meta(self, (uint64_t)rows[i]);
-        if (!check_range(m[2], m[3], self->heap_capacity)) {
-            raise_code(R_CORRUPT, i);
-            goto out;
-        }
-        total += m[3];
+        total += kl;
     }
     hashes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(8 * n));
     offs = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(8 * (n + 1)));
@@ -1229,11 +1238,11 @@ static PyObject *View_export_str(View *self, PyObject *args)
     char *bp = PyBytes_AS_STRING(blob);
     uint64_t pos = 0;
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t *m = row_meta(self, (uint64_t)rows[i]);
-        hp[i] = m[1];
+        row_str_key(self, row_meta(self, (uint64_t)rows[i]), &kb, &kl);
+        hp[i] = XXH3_64bits(kb, (size_t)kl);
         op[i] = pos;
-        memcpy(bp + pos, self->heap + m[2], m[3]);
-        pos += m[3];
+        memcpy(bp + pos, kb, kl);
+        pos += kl;
     }
     op[n] = pos;
     res = PyTuple_Pack(3, hashes, offs, blob);

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import EmbkvError
 from .format import Counter, Layout
-from .kernels import SLOT_EMPTY, SLOT_TOMB
-from .mapping import Mapping, row_tags, row_vectors, slot_rows
+from .kernels import ROW_FIELD, SLOT_EMPTY, SLOT_TOMB, fingerprint, mix64
+from .mapping import Mapping, row_int_keys, row_tags, row_vectors, slot_fingerprints, slot_rows
 from .publish import TABLE_SUFFIX
 from .table import Table
 
@@ -71,7 +71,7 @@ def _check_mapping(m: Mapping, report: CheckReport) -> None:
     c = m.counters
     problems = report.problems
     slots = m.slots()
-    srow = slots[:, 1]
+    srow = slots & ROW_FIELD
     live = (srow != SLOT_EMPTY) & (srow != SLOT_TOMB)
     n_live = int(live.sum())
     n_tomb = int((srow == SLOT_TOMB).sum())
@@ -100,11 +100,6 @@ def _check_mapping(m: Mapping, report: CheckReport) -> None:
         problems.append(f"{int((counts > 1).sum())} row(s) referenced by more than one index slot")
     if len(ok_rows) and ok_rows.max() >= int(c[Counter.ROWS_USED]):
         problems.append("index references rows above the rows-used mark")
-    meta = m.rows()[ok_rows, : lay.row_header].view(np.uint64)
-    mismatch = meta[:, 1] != slots[ok_slots, 0] if len(ok_rows) else np.zeros(0, dtype=bool)
-    if mismatch.any():
-        problems.append(f"{int(mismatch.sum())} row(s) hold a different key than their index slot, "
-                        f"e.g. row {int(ok_rows[mismatch][0])}")
     bad = m.view.verify_rows(np.ascontiguousarray(ok_rows))
     if bad:
         report.damaged_rows = [r for r, _ in bad]
@@ -113,12 +108,16 @@ def _check_mapping(m: Mapping, report: CheckReport) -> None:
             kinds[why] = kinds.get(why, 0) + 1
         for why, count in kinds.items():
             problems.append(f"{count} row(s): {why}, e.g. row {next(r for r, w in bad if w == why)}")
-    if lay.key_type == "int64" and len(ok_rows):
-        keys = slots[ok_slots, 0]
-        if len(np.unique(keys)) != len(keys):
-            problems.append("the same key appears in more than one index slot")
+    intact = ~np.isin(ok_rows, np.asarray(report.damaged_rows, dtype=np.int64))
+    keys = _row_keys(m, ok_rows[intact])
+    mismatch = slot_fingerprints(slots[ok_slots[intact]]) != fingerprint(_key_hashes(m, keys))
+    if mismatch.any():
+        problems.append(f"{int(mismatch.sum())} row(s) hold a different key than their index slot, "
+                        f"e.g. row {int(ok_rows[intact][mismatch][0])}")
+    if lay.key_type == "int64" and len(keys) and len(np.unique(keys)) != len(keys):
+        problems.append("the same key appears in more than one index slot")
     _check_freelist(m, uniq, problems)
-    _check_reachable(m, ok_slots, problems)
+    _check_reachable(m, keys, problems)
 
 
 def _check_freelist(m: Mapping, referenced: np.ndarray, problems: list[str]) -> None:
@@ -135,15 +134,32 @@ def _check_freelist(m: Mapping, referenced: np.ndarray, problems: list[str]) -> 
         problems.append(f"{len(both)} row(s) are both free and referenced by the index, e.g. row {int(both[0])}")
 
 
-def _check_reachable(m: Mapping, live_slots: np.ndarray, problems: list[str]) -> None:
-    """Every live slot must be found by a probe from its key's home slot (no gap before it)."""
-    lay = m.layout
-    if lay.key_type != "int64" or not len(live_slots):
+def _row_keys(m: Mapping, rows: np.ndarray) -> Any:
+    """The keys intact ``rows`` hold: int64 array, or packed (hashes, offsets, blob)."""
+    if m.layout.key_type == "int64":
+        return row_int_keys(m, rows)
+    return m.view.export_str(np.ascontiguousarray(rows))
+
+
+def _key_hashes(m: Mapping, keys: Any) -> np.ndarray:
+    """The hash each key is indexed by (its slot's fingerprint is 24 bits of it)."""
+    if m.layout.key_type == "int64":
+        return mix64(keys)
+    return np.frombuffer(keys[0], dtype=np.uint64)
+
+
+def _check_reachable(m: Mapping, keys: Any, problems: list[str]) -> None:
+    """Every live key must be found by a probe from its home slot (no gap before it)."""
+    n = len(keys) if m.layout.key_type == "int64" else len(keys[0]) // 8
+    if not n:
         return
-    keys = m.slots()[live_slots, 0].view(np.int64)
-    found = np.empty(len(keys), dtype=np.bool_)
+    found = np.empty(n, dtype=np.bool_)
     try:
-        m.view.get_int(np.ascontiguousarray(keys), None, found, None)
+        if m.layout.key_type == "int64":
+            m.view.get_int(np.ascontiguousarray(keys), None, found, None)
+        else:
+            hashes, offsets, blob = keys
+            m.view.get_str(hashes, offsets, blob, None, found, None)
     except EmbkvError as exc:
         problems.append(f"lookups fail: {exc}")
         return
@@ -172,23 +188,19 @@ def repair_table(table: Table) -> dict[str, Any]:
         lay = m.layout
         slots = m.slots()
         live_slots, rows, in_range = slot_rows(slots, lay.row_capacity)
-        slotkeys = slots[live_slots, 0]
-        rows, slotkeys = rows[in_range], slotkeys[in_range]
-        meta = m.rows()[rows, : lay.row_header].view(np.uint64)
-        keep = meta[:, 1] == slotkeys if len(rows) else np.zeros(0, dtype=bool)
+        rows, fps = rows[in_range], slot_fingerprints(slots[live_slots[in_range]])
         damaged = {r for r, _ in m.view.verify_rows(np.ascontiguousarray(rows))}
         if damaged:
-            keep &= ~np.isin(rows, np.fromiter(damaged, dtype=np.int64))
-        rows = rows[keep]
+            intact = ~np.isin(rows, np.fromiter(damaged, dtype=np.int64))
+            rows, fps = rows[intact], fps[intact]
         _, first = np.unique(rows, return_index=True)  # one slot per row
-        rows = rows[np.sort(first)]
+        rows, fps = rows[np.sort(first)], fps[np.sort(first)]
+        keys = _row_keys(m, rows)
+        keep = fps == fingerprint(_key_hashes(m, keys))  # a row holding another key than its slot's
+        rows = rows[keep]
+        keys = _row_keys(m, rows)
         vectors = row_vectors(m, rows)
         tags = row_tags(m, rows)
-        keys: Any
-        if lay.key_type == "int64":
-            keys = meta[keep][np.sort(first), 1].view(np.int64).copy()
-        else:
-            keys = m.view.export_str(np.ascontiguousarray(rows))
         dropped = len(live_slots) - len(rows)
         new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, max(lay.row_capacity, len(rows)),
                                  lay.heap_capacity, time.time_ns(), tagged=lay.tagged)

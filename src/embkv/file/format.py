@@ -3,19 +3,27 @@
 One table version is one file. All integers are little-endian; every section starts on a
 4096-byte boundary so it can be mapped and paged independently::
 
-    [0, 4096)          header: immutable part (bytes 0..119, CRC-32 at 120; version 2: 0..111, at 112)
+    [0, 4096)          header: immutable part (bytes 0..119, CRC-32 at 120)
                                mutable counters (bytes 128..191, one writer updates them)
-    [index_offset)     hash index: slot_count x (key u64, row u64), linear probing;
-                       row 0 = empty, 2**64-1 = tombstone, otherwise row index + 1
+    [index_offset)     hash index: slot_count x u64, linear probing from mulhi(hash, slot_count);
+                       fingerprint (24 bits of the hash) << 40 | row field, where the row
+                       field is 0 = empty, 2**40-1 = tombstone, otherwise row index + 1
     [rows_offset)      row area: row_capacity x row_stride bytes; each row is
                        int keys: seq u64 | key i64 | [tag u64] | vector
-                       str keys: seq u64 | xxh3 u64 | key offset u64 | key length u64 |
-                                 first 24 key bytes (zero padded) | [tag u64] | vector
+                       str keys: seq u64 | 24 key bytes | [tag u64] | vector, where the key
+                                 bytes are the key zero padded (keys of up to 24 bytes), or
+                                 its first 16 bytes and the u64 heap offset of the whole key
+                       seq: row checksum (32 bits) | key code (8 bits: a string key's length,
+                       or 255 for a key in the heap) | write count (24 bits, odd while written)
                        tag (tables made with tags=True, flag bit 0): a word the writer sets
                        with the vector (0 if none); compute on miss keeps model version << 32 |
                        fill time (unix seconds) there. vector: see codec.py
     [freelist_offset)  row_capacity x u64: stack of rows free for reuse
-    [heap_offset)      str keys only: key bytes, append-only
+    [heap_offset)      str keys longer than 24 bytes: u64 length | key bytes, append-only
+
+The file is sparse: the header and index are allocated when it is made, the other sections
+as the writer reaches them (``Mapping.reserve``), so spare capacity costs address space,
+not memory or disk.
 
 ARCHITECTURE.md explains how the writer and readers use these fields.
 """
@@ -55,18 +63,18 @@ __all__ = [
 ]
 
 MAGIC: Final = b"EMBKVTB1"
-# 3: the tag word only in tables made with tags=True (a flags word in the header), int8 and
+# 4: 8-byte index slots (fingerprint | row), string keys of up to 24 bytes only in their row,
+# sparse sections; 3 (unreleased): the tag word only in tables made with tags=True, int8 and
 # bfloat16 rows; 2: every row carries a tag word (embkv 0.2); 1: embkv 0.1
-FORMAT_VERSION: Final = 3
-READABLE_VERSIONS: Final = (2, 3)  # a version-2 file reads and writes as a tagged version-3 one
+FORMAT_VERSION: Final = 4
+UPGRADABLE_VERSIONS: Final = (2, 3)  # `embkv upgrade` rewrites them (legacy.py reads them)
 HEADER_SIZE: Final = 4096
 PAGE: Final = 4096
 COUNTERS_OFFSET: Final = 128
 MAX_LOAD: Final = 0.75  # index slots in use (live + tombstones) before a rebuild
-TARGET_LOAD: Final = 0.6  # index load at full capacity right after a build: short probe chains
 MAX_DIM: Final = 1 << 16
-INLINE_KEY: Final = 24  # string keys up to this length are also kept in their row (no heap read)
-MAX_CAPACITY: Final = 1 << 40
+INLINE_KEY: Final = 24  # string keys up to this length live in their row only (no heap)
+MAX_CAPACITY: Final = 1 << 39  # rows; the row field of a slot has 40 bits
 
 DTypeName = Literal["float32", "float16", "float64", "int8", "bfloat16"]
 KeyType = Literal["int64", "str"]
@@ -76,13 +84,10 @@ KEY_TYPES: Final[dict[KeyType, int]] = {"int64": 1, "str": 2}
 _DTYPE_NAMES: Final[dict[int, DTypeName]] = {v: k for k, v in DTYPES.items()}
 _KEY_NAMES: Final[dict[int, KeyType]] = {v: k for k, v in KEY_TYPES.items()}
 
-# immutable header fields, in file order, starting at byte 0; version 3 appends flags and a
-# reserved word, so its CRC sits at 120 instead of 112
-_IMMUTABLE_V2 = struct.Struct("<8sIIIIII QQQQ QQQQ QQ")
+# immutable header fields, in file order, starting at byte 0 (version 2 lacked the last two)
 _IMMUTABLE = struct.Struct("<8sIIIIII QQQQ QQQQ QQ II")
 _CRC = struct.Struct("<I")
 _CRC_OFFSET: Final = _IMMUTABLE.size  # 120
-_CRC_OFFSET_V2: Final = _IMMUTABLE_V2.size  # 112
 FLAG_TAGGED: Final = 1  # rows carry a u64 tag word at the end of the row header
 _KNOWN_FLAGS: Final = FLAG_TAGGED
 
@@ -105,8 +110,9 @@ def _align(n: int) -> int:
     return (n + PAGE - 1) // PAGE * PAGE
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(4, (n - 1).bit_length())
+def slots_for(capacity: int) -> int:
+    """Index slots for ``capacity`` rows: the load cap is reached when the rows run out."""
+    return max(16, -(-capacity * 4 // 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +134,6 @@ class Layout:
     file_size: int
     created_ns: int = 0
     tagged: bool = False
-    version: int = FORMAT_VERSION  # of the file this layout was read from (new files: the current one)
 
     @property
     def out_dtype(self) -> np.dtype[np.floating]:
@@ -159,14 +164,14 @@ class Layout:
         if capacity > MAX_CAPACITY:
             raise SchemaError(f"capacity {capacity} exceeds the maximum {MAX_CAPACITY}")
         dim = int(dim)
-        # int: seq | key; str: seq | hash | key offset | key length | inline key bytes; then the tag
-        row_header = (16 if key_type == "int64" else 32 + INLINE_KEY) + (8 if tagged else 0)
+        # int: seq | key; str: seq | key bytes (or a prefix and a heap offset); then the tag
+        row_header = (16 if key_type == "int64" else 8 + INLINE_KEY) + (8 if tagged else 0)
         vec_bytes = stored_bytes(dtype, dim)
         row_stride = row_header + (vec_bytes + 7) // 8 * 8
-        slot_count = _next_pow2(int(capacity / TARGET_LOAD) + 1)
+        slot_count = slots_for(capacity)
         heap_capacity = 0 if key_type == "int64" else max(int(heap_capacity), 4096)
         index_offset = HEADER_SIZE
-        rows_offset = _align(index_offset + slot_count * 16)
+        rows_offset = _align(index_offset + slot_count * 8)
         freelist_offset = _align(rows_offset + capacity * row_stride)
         heap_offset = _align(freelist_offset + capacity * 8)
         file_size = _align(heap_offset + heap_capacity)
@@ -201,24 +206,25 @@ class Layout:
                 f"{where}: written in format version {version}; this embkv reads up to {FORMAT_VERSION}. "
                 "Upgrade embkv to open it."
             )
-        if version not in READABLE_VERSIONS:
+        if version in UPGRADABLE_VERSIONS:
             raise FormatVersionError(
-                f"{where}: written in format version {version} (rows without tags); this embkv reads versions "
-                f"{READABLE_VERSIONS[0]} to {FORMAT_VERSION}. Export it with the embkv that wrote it and load it again."
+                f"{where}: written in format version {version} (embkv 0.2); this embkv reads version "
+                f"{FORMAT_VERSION}. Run `embkv upgrade STORE [TABLE]` to rewrite it (readers keep reading)."
             )
-        fixed, crc_offset = (_IMMUTABLE, _CRC_OFFSET) if version >= 3 else (_IMMUTABLE_V2, _CRC_OFFSET_V2)
-        if len(head) < crc_offset + 4:
+        if version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where}: written in format version {version} (embkv 0.1); this embkv reads version "
+                f"{FORMAT_VERSION}. Export it with the embkv that wrote it and load it again."
+            )
+        if len(head) < _CRC_OFFSET + 4:
             raise TruncatedTableError(f"{where}: file ends inside its header ({actual_size} bytes)")
-        fields = fixed.unpack_from(head)
         (_, version, header_size, dim, dtype_code, key_code, row_header, row_stride, slot_count,
          row_capacity, heap_capacity, index_offset, rows_offset, freelist_offset, heap_offset, file_size,
-         created_ns) = fields[:17]
-        flags = fields[17] if version >= 3 else FLAG_TAGGED  # every version-2 row has its tag word
-        reserved = fields[18] if version >= 3 else 0
-        (stored_crc,) = _CRC.unpack_from(head, crc_offset)
-        if zlib.crc32(head[:crc_offset]) != stored_crc:
+         created_ns, flags, reserved) = _IMMUTABLE.unpack_from(head)
+        (stored_crc,) = _CRC.unpack_from(head, _CRC_OFFSET)
+        if zlib.crc32(head[:_CRC_OFFSET]) != stored_crc:
             raise CorruptTableError(f"{where}: header checksum mismatch (the header is damaged)")
-        if flags & ~_KNOWN_FLAGS or reserved or (version < 3 and dtype_code > 3):
+        if flags & ~_KNOWN_FLAGS or reserved:
             raise CorruptTableError(f"{where}: header fields out of range")
         if header_size != HEADER_SIZE or dtype_code not in _DTYPE_NAMES or key_code not in _KEY_NAMES:
             raise CorruptTableError(f"{where}: header fields out of range")
@@ -238,7 +244,7 @@ class Layout:
             raise TruncatedTableError(
                 f"{where}: file has {actual_size} bytes but its header needs {file_size} (truncated)"
             )
-        return dataclasses.replace(expect, version=version)
+        return expect
 
 
 def check_counters(counters: np.ndarray, layout: Layout, where: str = "table") -> None:

@@ -24,16 +24,27 @@ from ..errors import CorruptTableError, KernelFallbackWarning, ReadRetryError
 from .codec import QUANTIZED, decode_rows
 from .format import COUNTERS_OFFSET, INLINE_KEY, MAX_LOAD, Counter, Layout
 
-__all__ = ["KERNEL_BACKEND", "KernelView", "make_view", "mix64", "pack_str"]
+__all__ = ["FP_SHIFT", "KERNEL_BACKEND", "ROW_FIELD", "SLOT_EMPTY", "SLOT_TOMB", "KernelView", "fingerprint",
+           "home_slots", "make_view", "mix64", "pack_str"]
 
 # freshness status a classifying get writes per key (the values of embkv.cache HIT / OOV / STALE)
 STATUS_FRESH, STATUS_MISS, STATUS_STALE = 0, 1, 2
 
 _STATS_LOCK = threading.Lock()
 
+# an index slot: fingerprint << 40 | row field (0 empty, all ones tombstone, else row + 1); see _kernels.c
+ROW_BITS = 40
+ROW_FIELD = np.uint64((1 << ROW_BITS) - 1)
+FP_SHIFT = np.uint64(ROW_BITS)
+FP_MASK = np.uint64(0xFFFFFF)
 SLOT_EMPTY = np.uint64(0)
-SLOT_TOMB = np.uint64(0xFFFFFFFFFFFFFFFF)
+SLOT_TOMB = ROW_FIELD
+SEQ_COUNT = 0xFFFFFF  # a row's sequence word: checksum << 32 | key code << 24 | write count
+LONG_KEY = 255  # key code of a string key kept in the heap (longer than INLINE_KEY)
+LONG_PREFIX = 16
 _SPIN_ROUNDS = 10_000
+_M32 = np.uint64(0xFFFFFFFF)
+_S32 = np.uint64(32)
 
 
 class KernelView(Protocol):
@@ -73,6 +84,26 @@ def mix64(keys: np.ndarray) -> np.ndarray:
     x *= _M2
     x ^= x >> np.uint64(31)
     return x
+
+
+def home_slots(hashes: np.ndarray, slot_count: int) -> np.ndarray:
+    """Each hash's home slot, the high 64 bits of ``hash * slot_count`` (``home_slot`` in _kernels.c).
+
+    numpy has no 128-bit product, so it is put together from 32-bit halves.
+    """
+    h = hashes.astype(np.uint64, copy=False)
+    n_lo, n_hi = np.uint64(slot_count & 0xFFFFFFFF), np.uint64(slot_count >> 32)
+    h_lo, h_hi = h & _M32, h >> _S32
+    lo_lo, hi_lo, lo_hi = h_lo * n_lo, h_hi * n_lo, h_lo * n_hi
+    carry = ((lo_lo >> _S32) + (hi_lo & _M32) + (lo_hi & _M32)) >> _S32
+    result: np.ndarray = h_hi * n_hi + (hi_lo >> _S32) + (lo_hi >> _S32) + carry
+    return result
+
+
+def fingerprint(hashes: np.ndarray) -> np.ndarray:
+    """The 24 bits of each hash that its index slot keeps."""
+    result: np.ndarray = hashes & FP_MASK
+    return result
 
 
 def _pack_str_py(keys: Any) -> tuple[bytes, bytes, bytes]:
@@ -117,8 +148,7 @@ class NumpyView:
         raw = np.frombuffer(mv, dtype=np.uint8)
         self._raw = raw
         self.ctr = raw[COUNTERS_OFFSET : COUNTERS_OFFSET + 8 * Counter.COUNT].view(np.uint64)
-        self.slots = raw[layout.index_offset : layout.index_offset + 16 * layout.slot_count].view(
-            np.uint64).reshape(-1, 2)
+        self.slots = raw[layout.index_offset : layout.index_offset + 8 * layout.slot_count].view(np.uint64)
         rows = raw[layout.rows_offset : layout.rows_offset + layout.row_capacity * layout.row_stride]
         self.rows = rows.reshape(layout.row_capacity, layout.row_stride)
         self.meta = self.rows[:, : layout.row_header].view(np.uint64)
@@ -127,7 +157,7 @@ class NumpyView:
         self.freelist = raw[layout.freelist_offset : layout.freelist_offset + 8 * layout.row_capacity].view(
             np.uint64)
         self.heap = raw[layout.heap_offset : layout.heap_offset + layout.heap_capacity]
-        self.mask = np.uint64(layout.slot_count - 1)
+        self.slot_count = layout.slot_count
 
     def release(self) -> None:
         for name in ("_raw", "ctr", "slots", "rows", "meta", "vecs", "freelist", "heap"):
@@ -136,66 +166,78 @@ class NumpyView:
 
     # ---------------------------------------------------------------- reads
 
-    def _heap_key(self, off: int, length: int) -> bytes | None:
-        if off + length > self.layout.heap_capacity:
+    def _row_key(self, r: int) -> bytes | None:
+        """The key bytes string row ``r`` holds, or None if the row is damaged (bounds-checked)."""
+        code = (int(self.meta[r, 0]) >> 24) & 0xFF
+        area = self.rows[r, 8 : 8 + INLINE_KEY].tobytes()
+        if code <= INLINE_KEY:
+            return area[:code]
+        off = int.from_bytes(area[LONG_PREFIX:], "little")
+        cap = self.layout.heap_capacity
+        if code != LONG_KEY or off + 8 > cap:
             return None
-        return bytes(self.heap[off : off + length])
+        length = int.from_bytes(self.heap[off : off + 8].tobytes(), "little")
+        if length <= INLINE_KEY or off + 8 + length > cap:
+            return None
+        key = self.heap[off + 8 : off + 8 + length].tobytes()
+        return key if key[:LONG_PREFIX] == area[:LONG_PREFIX] else None
 
-    def _lookup(self, slotkeys: np.ndarray, starts: np.ndarray, exact: Any) -> np.ndarray:
+    def _lookup(self, hashes: np.ndarray, exact: Any) -> np.ndarray:
         """Probe all keys in lockstep (a Python iteration per probe step); the row per key or -1."""
-        n = len(slotkeys)
+        n = len(hashes)
         rows = np.full(n, -1, dtype=np.int64)
-        pos = starts & self.mask
+        pos = home_slots(hashes, self.slot_count)
+        fps = fingerprint(hashes)
         pending = np.arange(n)
         cap = self.layout.row_capacity
-        for _ in range(self.layout.slot_count):
+        last = np.uint64(self.slot_count - 1)
+
+        def advance(idx: np.ndarray) -> None:
+            at = pos[idx]
+            pos[idx] = np.where(at == last, np.uint64(0), at + np.uint64(1))
+
+        for _ in range(self.slot_count):
             if not len(pending):
                 break
-            srow = self.slots[pos[pending], 1]
-            skey = self.slots[pos[pending], 0]
-            empty = srow == SLOT_EMPTY
-            cand = (srow != SLOT_EMPTY) & (srow != SLOT_TOMB) & (skey == slotkeys[pending])
+            words = self.slots[pos[pending]]
+            field = words & ROW_FIELD
+            empty = field == SLOT_EMPTY
+            cand = (field != SLOT_EMPTY) & (field != SLOT_TOMB) & ((words >> FP_SHIFT) == fps[pending])
             hit_idx = pending[cand]
+            stay = np.zeros(len(pending), dtype=np.bool_)
             if len(hit_idx):
-                r = (srow[cand] - np.uint64(1)).astype(np.int64)
-                if np.any((r < 0) | (r >= cap)):
+                r_u = field[cand] - np.uint64(1)
+                if np.any(r_u >= np.uint64(cap)):
                     raise CorruptTableError("index points outside the row area: the table file is corrupt")
+                r = r_u.astype(np.int64)
                 seq_before = self.meta[r, 0]
                 ok = exact(hit_idx, r)
                 rows[hit_idx[ok]] = r[ok]
                 # another key in the row: a collision if the slot still points there (keep
                 # probing), else the writer moved the slot meanwhile (read the same slot again)
                 failed = np.flatnonzero(cand)[~ok]
-                moved = (self.slots[pos[pending[failed]], 1] != srow[failed]) | (
+                moved = (self.slots[pos[pending[failed]]] != words[failed]) | (
                     self.meta[r[~ok], 0] != seq_before[~ok])  # rewritten meanwhile: it may have come back
                 cand[failed] = False
-                stay = np.zeros(len(pending), dtype=np.bool_)
                 stay[failed[moved]] = True
-                done = empty | cand
-                advance = ~done & ~stay
-                pending_next = pending[~done]
-                pos[pending[advance]] = (pos[pending[advance]] + np.uint64(1)) & self.mask
-                pending = pending_next
-                continue
-            else:
-                done = empty
+            done = empty | cand
+            advance(pending[~done & ~stay])
             pending = pending[~done]
-            pos[pending] = (pos[pending] + np.uint64(1)) & self.mask
         return rows
 
-    def _get(self, slotkeys: np.ndarray, starts: np.ndarray, exact: Any, out: Any, found: Any,
-             default: Any, tags: Any, min_version: int, max_age: int, stats: Any, stale_as_miss: bool) -> int:
+    def _get(self, hashes: np.ndarray, exact: Any, out: Any, found: Any, default: Any, tags: Any,
+             min_version: int, max_age: int, stats: Any, stale_as_miss: bool) -> int:
         if self.ctr[Counter.SUPERSEDED]:
             return -1
         found_arr = np.frombuffer(found, dtype=np.uint8)
         tags_arr = None if tags is None else np.frombuffer(tags, dtype=np.uint64)
-        row_tags = np.zeros(len(slotkeys), dtype=np.uint64)
+        row_tags = np.zeros(len(hashes), dtype=np.uint64)
         lay = self.layout
-        out_arr = None if out is None else np.frombuffer(out, dtype=np.uint8).reshape(len(slotkeys), lay.out_bytes)
-        todo = np.arange(len(slotkeys))
+        out_arr = None if out is None else np.frombuffer(out, dtype=np.uint8).reshape(len(hashes), lay.out_bytes)
+        todo = np.arange(len(hashes))
         for _ in range(_SPIN_ROUNDS):
             sub_exact = functools.partial(_exact_subset, exact, todo)
-            rows = self._lookup(slotkeys[todo], starts[todo], sub_exact)
+            rows = self._lookup(hashes[todo], sub_exact)
             hit = rows >= 0
             seq1 = np.zeros(len(todo), dtype=np.uint64)
             seq1[hit] = self.meta[rows[hit], 0]
@@ -254,21 +296,18 @@ class NumpyView:
     def get_int(self, keys: Any, out: Any, found: Any, default: Any = None, tags: Any = None,
                 min_version: int = -1, max_age: int = 0, stats: Any = None, stale_as_miss: bool = False) -> int:
         k = np.frombuffer(keys, dtype=np.int64)
-        slotkeys = k.view(np.uint64)
+        keys_u64 = k.view(np.uint64)
 
         def exact(idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
-            return np.asarray(self.meta[rows, 1] == slotkeys[idx])
+            return np.asarray(self.meta[rows, 1] == keys_u64[idx])
 
-        return self._get(slotkeys, mix64(k), exact, out, found, default, tags, min_version, max_age, stats,
-                         stale_as_miss)
+        return self._get(mix64(k), exact, out, found, default, tags, min_version, max_age, stats, stale_as_miss)
 
-    def _str_exact(self, hashes: np.ndarray, offsets: np.ndarray, blob: bytes) -> Any:
+    def _str_exact(self, offsets: np.ndarray, blob: bytes) -> Any:
         def exact(idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
             ok = np.zeros(len(idx), dtype=np.bool_)
-            meta = self.meta[rows]
-            for j, (i, m) in enumerate(zip(idx.tolist(), meta.tolist(), strict=True)):
-                want = blob[offsets[i] : offsets[i + 1]]
-                ok[j] = m[1] == hashes[i] and m[3] == len(want) and self._heap_key(m[2], m[3]) == want
+            for j, (i, r) in enumerate(zip(idx.tolist(), rows.tolist(), strict=True)):
+                ok[j] = self._row_key(r) == blob[offsets[i] : offsets[i + 1]]
             return ok
 
         return exact
@@ -278,7 +317,7 @@ class NumpyView:
                 stale_as_miss: bool = False) -> int:
         h = np.frombuffer(hashes, dtype=np.uint64)
         o = np.frombuffer(offsets, dtype=np.uint64).astype(np.int64)
-        return self._get(h, h, self._str_exact(h, o, bytes(blob)), out, found, default, tags, min_version, max_age,
+        return self._get(h, self._str_exact(o, bytes(blob)), out, found, default, tags, min_version, max_age,
                          stats, stale_as_miss)
 
     def get_strlist(self, keys: Any, out: Any, found: Any, default: Any = None, tags: Any = None,
@@ -297,24 +336,26 @@ class NumpyView:
             return False
         return int(c[Counter.HEAP_USED]) + heap_bytes <= lay.heap_capacity
 
-    def _probe(self, slotkey: int, start: int, key_bytes: bytes | None) -> tuple[int, bool]:
-        mask = self.layout.slot_count - 1
-        j = start & mask
+    def _probe(self, h: int, ikey: int, key_bytes: bytes | None) -> tuple[int, bool]:
+        n = self.slot_count
+        j = (h * n) >> 64
+        fp = h & int(FP_MASK)
         first_tomb = -1
-        for _ in range(self.layout.slot_count):
-            srow = int(self.slots[j, 1])
-            if srow == 0:
+        for _ in range(n):
+            w = int(self.slots[j])
+            field = w & int(ROW_FIELD)
+            if field == 0:
                 return (first_tomb if first_tomb >= 0 else j), False
-            if srow == int(SLOT_TOMB):
+            if field == int(SLOT_TOMB):
                 if first_tomb < 0:
                     first_tomb = j
-            elif int(self.slots[j, 0]) == slotkey:
-                r = srow - 1
+            elif w >> ROW_BITS == fp:
+                r = field - 1
                 if r >= self.layout.row_capacity:
                     raise CorruptTableError("index points outside the row area")
-                if key_bytes is None or self._heap_key(int(self.meta[r, 2]), int(self.meta[r, 3])) == key_bytes:
+                if (int(self.meta[r, 1]) == ikey) if key_bytes is None else (self._row_key(r) == key_bytes):
                     return j, True
-            j = (j + 1) & mask
+            j = 0 if j + 1 == n else j + 1
         if first_tomb >= 0:
             return first_tomb, False
         raise CorruptTableError("index is full")
@@ -335,18 +376,19 @@ class NumpyView:
         self.freelist[int(self.ctr[Counter.FREE])] = r
         self.ctr[Counter.FREE] += np.uint64(1)
 
-    def _checksum(self, r: int) -> int:
+    def _checksum(self, r: int, code: int) -> int:
         lay = self.layout
-        return xxhash.xxh3_64_intdigest(self.rows[r, 8 : lay.row_header + lay.vec_bytes].tobytes()) & 0xFFFFFFFF
+        data = self.rows[r, 8 : lay.row_header + lay.vec_bytes].tobytes()
+        return xxhash.xxh3_64_intdigest(data, seed=code) & 0xFFFFFFFF
 
-    def _write_row(self, r: int, meta: list[int], vec: np.ndarray) -> None:
+    def _write_row(self, r: int, code: int, meta: list[int], vec: np.ndarray) -> None:
         word = int(self.meta[r, 0])
-        count = word & 0xFFFFFFFF
+        count = word & SEQ_COUNT
         count += count & 1
-        self.meta[r, 0] = (word & 0xFFFFFFFF00000000) | ((count + 1) & 0xFFFFFFFF)
+        self.meta[r, 0] = (word & ~SEQ_COUNT) | ((count + 1) & SEQ_COUNT)
         self.meta[r, 1 : 1 + len(meta)] = meta
         self.vecs[r] = vec
-        self.meta[r, 0] = (self._checksum(r) << 32) | ((count + 2) & 0xFFFFFFFF)
+        self.meta[r, 0] = (self._checksum(r, code) << 32) | (code << 24) | ((count + 2) & SEQ_COUNT)
 
     def verify_rows(self, rows: Any) -> list[tuple[int, str]]:
         bad = []
@@ -355,66 +397,70 @@ class NumpyView:
                 bad.append((r, "row number outside the row area"))
                 continue
             word = int(self.meta[r, 0])
+            code = (word >> 24) & 0xFF
             if word & 1:
                 bad.append((r, "row left half-written (odd sequence)"))
-            elif word >> 32 != self._checksum(r):
+            elif word >> 32 != self._checksum(r, code):
                 bad.append((r, "row checksum mismatch (vector or key damaged)"))
-            elif self.key_type == 2:
-                key = self._heap_key(int(self.meta[r, 2]), int(self.meta[r, 3]))
-                if key is None:
-                    bad.append((r, "string key outside the key heap"))
-                elif xxhash.xxh3_64_intdigest(key) != int(self.meta[r, 1]):
-                    bad.append((r, "string key bytes do not match their hash"))
-                elif self.meta[r, 4:7].tobytes()[: len(key)] != key[:INLINE_KEY]:
-                    bad.append((r, "string key bytes in the row differ from the key heap"))
+            elif self.key_type == 1 and code:
+                bad.append((r, "int row with a string key code"))
+            elif self.key_type == 2 and self._row_key(r) is None:
+                bad.append((r, "string key bytes outside the key heap or differing from it"))
         return bad
 
-    def _put_one(self, slotkey: int, start: int, key_bytes: bytes | None, vec: np.ndarray, tag: int) -> None:
-        j, found = self._probe(slotkey, start, key_bytes)
+    def _put_one(self, h: int, ikey: int, key_bytes: bytes | None, vec: np.ndarray, tag: int) -> None:
+        j, found = self._probe(h, ikey, key_bytes)
         r = self._alloc_row()
+        old_field = int(self.slots[j]) & int(ROW_FIELD)
+        tail = [tag] if self.tag_word else []
         if key_bytes is None:
-            self._write_row(r, [slotkey, tag] if self.tag_word else [slotkey], vec)
+            self._write_row(r, 0, [ikey, *tail], vec)
         else:
-            if found:
-                off = int(self.meta[int(self.slots[j, 1]) - 1, 2])
+            kl = len(key_bytes)
+            if kl <= INLINE_KEY:
+                code, area = kl, key_bytes.ljust(INLINE_KEY, b"\0")
             else:
-                off = int(self.ctr[Counter.HEAP_USED])
-                self.heap[off : off + len(key_bytes)] = np.frombuffer(key_bytes, dtype=np.uint8)
-                self.ctr[Counter.HEAP_USED] += np.uint64(len(key_bytes))
-            inline = np.frombuffer(key_bytes[:INLINE_KEY].ljust(INLINE_KEY, b"\0"), dtype=np.uint64).tolist()
-            meta = [slotkey, off, len(key_bytes), *inline]
-            self._write_row(r, [*meta, tag] if self.tag_word else meta, vec)
+                code = LONG_KEY
+                if found:  # the same key bytes: share them
+                    off = int.from_bytes(self.rows[old_field - 1, 8 + LONG_PREFIX : 8 + INLINE_KEY].tobytes(),
+                                         "little")
+                else:
+                    off = int(self.ctr[Counter.HEAP_USED])
+                    record = kl.to_bytes(8, "little") + key_bytes
+                    self.heap[off : off + len(record)] = np.frombuffer(record, dtype=np.uint8)
+                    self.ctr[Counter.HEAP_USED] += np.uint64(len(record))
+                area = key_bytes[:LONG_PREFIX] + off.to_bytes(8, "little")
+            self._write_row(r, code, [*np.frombuffer(area, dtype=np.uint64).tolist(), *tail], vec)
+        word = ((h & int(FP_MASK)) << ROW_BITS) | (r + 1)
         if found:
-            old = int(self.slots[j, 1]) - 1
-            self.slots[j, 1] = r + 1
-            self._free_row(old)
+            self.slots[j] = word
+            self._free_row(old_field - 1)
         else:
-            if self.slots[j, 1] == SLOT_TOMB:
+            if old_field == int(SLOT_TOMB):
                 self.ctr[Counter.TOMBS] -= np.uint64(1)
-            self.slots[j, 0] = slotkey
-            self.slots[j, 1] = r + 1
+            self.slots[j] = word
             self.ctr[Counter.LIVE] += np.uint64(1)
 
-    def _room_for_exact(self, slotkeys: list[int], starts: list[int], key_bytes: list[bytes] | None) -> bool:
+    def _room_for_exact(self, hashes: list[int], ikeys: list[int], key_bytes: list[bytes] | None) -> bool:
         """Like _kernels.c: only keys not yet present need rows, slots and heap (plus one spare row)."""
         fresh, fresh_heap = 0, 0
-        for i, key in enumerate(slotkeys):
+        for i, h in enumerate(hashes):
             kb = None if key_bytes is None else key_bytes[i]
-            if not self._probe(key, starts[i], kb)[1]:
+            if not self._probe(h, ikeys[i], kb)[1]:
                 fresh += 1
-                fresh_heap += 0 if kb is None else len(kb)
+                fresh_heap += 0 if kb is None else _heap_need(len(kb))
         return self._room_for(fresh + 1, fresh_heap)
 
     def put_int(self, keys: Any, vectors: Any, tags: Any = None) -> bool:
         k = np.frombuffer(keys, dtype=np.int64)
-        if not self._room_for(len(k), 0) and not self._room_for_exact(
-                k.view(np.uint64).tolist(), mix64(k).tolist(), None):
+        hashes = mix64(k).tolist()
+        ikeys = k.view(np.uint64).tolist()
+        if not self._room_for(len(k), 0) and not self._room_for_exact(hashes, ikeys, None):
             return False
         vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(k), self.layout.vec_bytes)
-        starts = mix64(k)
         row_tags = _tags_list(tags, len(k))
-        for i, key in enumerate(k.view(np.uint64).tolist()):
-            self._put_one(key, int(starts[i]), None, vecs[i], row_tags[i])
+        for i, key in enumerate(ikeys):
+            self._put_one(hashes[i], key, None, vecs[i], row_tags[i])
         self.ctr[Counter.GENERATION] += np.uint64(1)
         return True
 
@@ -422,22 +468,24 @@ class NumpyView:
         h = np.frombuffer(hashes, dtype=np.uint64).tolist()
         o = np.frombuffer(offsets, dtype=np.uint64).tolist()
         blob = bytes(blob)
-        if not self._room_for(len(h), len(blob)) and not self._room_for_exact(
-                h, h, [blob[o[i] : o[i + 1]] for i in range(len(h))]):
+        keys = [blob[o[i] : o[i + 1]] for i in range(len(h))]
+        zeros = [0] * len(h)
+        if not self._room_for(len(h), sum(_heap_need(len(kb)) for kb in keys)) and not self._room_for_exact(
+                h, zeros, keys):
             return False
         vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(h), self.layout.vec_bytes)
         row_tags = _tags_list(tags, len(h))
         for i, hv in enumerate(h):
-            self._put_one(hv, hv, blob[o[i] : o[i + 1]], vecs[i], row_tags[i])
+            self._put_one(hv, 0, keys[i], vecs[i], row_tags[i])
         self.ctr[Counter.GENERATION] += np.uint64(1)
         return True
 
-    def _delete_one(self, slotkey: int, start: int, key_bytes: bytes | None) -> int:
-        j, found = self._probe(slotkey, start, key_bytes)
+    def _delete_one(self, h: int, ikey: int, key_bytes: bytes | None) -> int:
+        j, found = self._probe(h, ikey, key_bytes)
         if not found:
             return 0
-        old = int(self.slots[j, 1]) - 1
-        self.slots[j, 1] = SLOT_TOMB
+        old = (int(self.slots[j]) & int(ROW_FIELD)) - 1
+        self.slots[j] = SLOT_TOMB
         self._free_row(old)
         self.ctr[Counter.LIVE] -= np.uint64(1)
         self.ctr[Counter.TOMBS] += np.uint64(1)
@@ -445,9 +493,8 @@ class NumpyView:
 
     def delete_int(self, keys: Any) -> int:
         k = np.frombuffer(keys, dtype=np.int64)
-        starts = mix64(k)
-        keys_u64 = k.view(np.uint64).tolist()
-        n = sum(self._delete_one(key, int(starts[i]), None) for i, key in enumerate(keys_u64))
+        hashes = mix64(k).tolist()
+        n = sum(self._delete_one(hashes[i], key, None) for i, key in enumerate(k.view(np.uint64).tolist()))
         self.ctr[Counter.GENERATION] += np.uint64(1)
         return n
 
@@ -455,7 +502,7 @@ class NumpyView:
         h = np.frombuffer(hashes, dtype=np.uint64).tolist()
         o = np.frombuffer(offsets, dtype=np.uint64).tolist()
         blob = bytes(blob)
-        n = sum(self._delete_one(hv, hv, blob[o[i] : o[i + 1]]) for i, hv in enumerate(h))
+        n = sum(self._delete_one(hv, 0, blob[o[i] : o[i + 1]]) for i, hv in enumerate(h))
         self.ctr[Counter.GENERATION] += np.uint64(1)
         return n
 
@@ -463,14 +510,18 @@ class NumpyView:
         r = np.frombuffer(rows, dtype=np.int64)
         if len(r) and (r.min() < 0 or r.max() >= self.layout.row_capacity):
             raise CorruptTableError("row outside the row area")
-        meta = self.meta[r]
         keys = []
-        for m in meta.tolist():
-            kb = self._heap_key(m[2], m[3])
+        for row in r.tolist():
+            kb = self._row_key(row)
             if kb is None:
-                raise CorruptTableError("string key outside the key heap")
+                raise CorruptTableError(f"row {row} holds a damaged string key: the table file is corrupt")
             keys.append(kb)
         return _pack_str_py(keys)
+
+
+def _heap_need(length: int) -> int:
+    """Heap bytes a new string key takes: none in its row, else a length word and the bytes."""
+    return 0 if length <= INLINE_KEY else 8 + length
 
 
 def _tags_list(tags: Any, n: int) -> list[int]:

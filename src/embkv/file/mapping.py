@@ -19,8 +19,8 @@ import numpy as np
 
 from ..errors import CorruptTableError, SchemaError, TableNotFoundError
 from .codec import QUANTIZED
-from .format import COUNTERS_OFFSET, HEADER_SIZE, Counter, Layout, check_counters
-from .kernels import SLOT_EMPTY, SLOT_TOMB, KernelView, make_view
+from .format import COUNTERS_OFFSET, HEADER_SIZE, INLINE_KEY, PAGE, Counter, Layout, check_counters
+from .kernels import FP_SHIFT, ROW_FIELD, SLOT_EMPTY, SLOT_TOMB, KernelView, make_view
 from .publish import is_memory_path
 
 __all__ = [
@@ -30,12 +30,14 @@ __all__ = [
     "build_version",
     "bytes_per_row",
     "copy_version",
-    "create_allocated",
+    "create_sparse",
+    "delete_packed",
     "export_live",
     "live_keys",
     "put_packed",
     "row_tags",
     "row_vectors",
+    "slot_fingerprints",
     "slot_rows",
 ]
 
@@ -63,8 +65,12 @@ class Mapping:
             self.layout = Layout.parse(head, st.st_size, where=path)
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
             self.mm = mmap.mmap(fd, self.layout.file_size, access=access)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        # kept open: the writer reserves space through it, info() counts allocated blocks
+        self.fd: int | None = fd
+        self._reserved = {"rows": 0, "free": 0, "heap": 0}  # byte ends this process reserved
         self.path = path
         self.inode = (st.st_dev, st.st_ino)
         self.counters = np.frombuffer(self.mm, dtype=np.uint64, count=Counter.COUNT, offset=COUNTERS_OFFSET)
@@ -74,6 +80,9 @@ class Mapping:
     def close(self) -> None:
         """Drop this process's references; the memory goes when the last in-flight call ends."""
         mm = self.mm
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         self.__dict__.pop("view", None)
         self.__dict__.pop("counters", None)
         # a call running on another thread still exports the buffer: the mapping then
@@ -86,11 +95,46 @@ class Mapping:
         if not is_memory_path(self.path):
             self.mm.flush()
 
+    def reserve(self, rows: int, heap_bytes: int = 0, free_entries: int | None = None) -> None:
+        """Allocate file space for a batch that may take ``rows`` rows, free ``free_entries``
+        (default: as many) and add ``heap_bytes`` of string keys, before the kernel writes
+        there. Lock held.
+
+        The file is sparse beyond its index (format.py): a write into a hole of a full disk or
+        tmpfs would kill the writer with SIGBUS, so space is reserved first and a full disk is an
+        ``OSError`` (ENOSPC) with nothing written. Reservations are rounded up to
+        ``RESERVE_GRANULE`` so most batches make no system call.
+        """
+        if self.fd is None:
+            return
+        lay = self.layout
+        c = self.counters
+        sections = {
+            "rows": (lay.rows_offset, lay.row_stride, lay.row_capacity, int(c[Counter.ROWS_USED]), rows),
+            "free": (lay.freelist_offset, 8, lay.row_capacity, int(c[Counter.FREE]),
+                     rows if free_entries is None else free_entries),
+            "heap": (lay.heap_offset, 1, lay.heap_capacity, int(c[Counter.HEAP_USED]), heap_bytes),
+        }
+        for section, (start, unit, count, used, more) in sections.items():
+            # what lies below the counter was written, so is allocated already: start from there
+            done = max(self._reserved[section], unit * min(used, count) // PAGE * PAGE)
+            need = unit * min(used + more, count)
+            if need <= done:
+                continue
+            end = min(_align(need, RESERVE_GRANULE), _align(unit * count, PAGE))
+            _allocate(self.fd, start + done, end - done)
+            self._reserved[section] = end
+
+    def allocated_bytes(self) -> int:
+        """Bytes of memory (``/dev/shm``) or disk the file holds: its allocated blocks."""
+        if self.fd is None:
+            return self.layout.file_size
+        return os.fstat(self.fd).st_blocks * 512
+
     # the parts of the file that writers and exporters read with numpy
     def slots(self) -> np.ndarray:
         lay = self.layout
-        return np.frombuffer(self.mm, dtype=np.uint64, count=2 * lay.slot_count,
-                             offset=lay.index_offset).reshape(-1, 2)
+        return np.frombuffer(self.mm, dtype=np.uint64, count=lay.slot_count, offset=lay.index_offset)
 
     def rows(self) -> np.ndarray:
         lay = self.layout
@@ -102,40 +146,70 @@ class Mapping:
         return np.frombuffer(self.mm, dtype=np.uint64, count=lay.row_capacity, offset=lay.freelist_offset)
 
 
-def create_allocated(path: str, size: int) -> int:
-    """Create ``path`` (it must not exist) with ``size`` bytes reserved; returns the open descriptor.
+RESERVE_GRANULE = 64 << 10  # bytes: reservations of the sparse sections are rounded up to this
 
-    Reserving up front makes a full disk or tmpfs fail here with ENOSPC instead of killing a
-    later writer with SIGBUS on a mapped page.
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _allocate(fd: int, offset: int, length: int) -> None:
+    if length <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        # no fallocate on this file system: it stays sparse, as a plain file would
+
+
+def create_sparse(path: str, layout: Layout) -> int:
+    """Create ``path`` (it must not exist) for ``layout``, its header and index allocated; returns the descriptor.
+
+    The rest of the file is a hole until the writer reserves it (``Mapping.reserve``). The
+    index is allocated whole because hashing touches all of it at once.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            os.ftruncate(fd, size)  # no fallocate on this file system: a sparse file
+        os.ftruncate(fd, layout.file_size)
+        _allocate(fd, 0, layout.rows_offset)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def put_packed(view: KernelView, layout: Layout, keys: Any, vectors: np.ndarray, tags: np.ndarray | None) -> bool:
+def put_packed(m: Mapping, keys: Any, vectors: Any, tags: Any, *, may_free: bool = True) -> bool:
     """Upsert packed keys and stored vectors through the kernel; False (nothing written) if the version has no room.
 
-    ``tags`` are ignored by a table whose rows keep no tag word.
+    ``tags`` are ignored by a table whose rows keep no tag word. ``may_free=False`` (a fresh
+    version being built: every key is new) reserves no room on the free-row stack.
+    ``vectors`` and ``tags`` may be arrays or raw buffers (a replayed log record).
     """
-    if layout.key_type == "int64":
-        return view.put_int(keys, vectors, tags)
+    n = memoryview(vectors).nbytes // m.layout.vec_bytes
+    if m.layout.key_type == "int64":
+        m.reserve(n, free_entries=n if may_free else 0)
+        return m.view.put_int(keys, vectors, tags)
     hashes, offsets, blob = keys
-    return view.put_str(hashes, offsets, blob, vectors, tags)
+    lengths = np.diff(np.frombuffer(offsets, dtype=np.uint64).astype(np.int64))
+    long_keys = lengths > INLINE_KEY  # only these take heap bytes: a length word, then the key
+    m.reserve(n, int((lengths[long_keys] + 8).sum()), free_entries=n if may_free else 0)
+    return m.view.put_str(hashes, offsets, blob, vectors, tags)
+
+
+def delete_packed(m: Mapping, keys: Any) -> int:
+    """Delete packed keys through the kernel; returns how many were present."""
+    if m.layout.key_type == "int64":
+        m.reserve(len(keys))
+        return m.view.delete_int(keys)
+    m.reserve(len(keys[0]) // 8)
+    return m.view.delete_str(*keys)
 
 
 def build_version(path: str, layout: Layout, chunks: Iterator[Chunk], progress: Progress | None = None) -> None:
     """Write a complete new table file at ``path`` (which must not exist) from (keys, vectors, tags) chunks."""
-    fd = create_allocated(path, layout.file_size)
+    fd = create_sparse(path, layout)
     try:
         os.pwrite(fd, layout.pack_header(), 0)
     finally:
@@ -143,7 +217,7 @@ def build_version(path: str, layout: Layout, chunks: Iterator[Chunk], progress: 
     mapping = Mapping(path, writable=True)
     try:
         for keys, vectors, tags in chunks:
-            if not put_packed(mapping.view, layout, keys, vectors, tags):
+            if not put_packed(mapping, keys, vectors, tags, may_free=False):
                 raise SchemaError("internal: a fresh table version was sized too small")
             if progress is not None:
                 progress(len(vectors))
@@ -155,18 +229,29 @@ def build_version(path: str, layout: Layout, chunks: Iterator[Chunk], progress: 
 def copy_version(m: Mapping, dest: str, durable: bool) -> None:
     """Write a copy of mapped version ``m`` to the new file ``dest``, as a fresh version.
 
-    The copy gets its own creation stamp, so the destination never mistakes the source's
-    write-ahead log for its own, and clean counters (no writer inside a batch). Lock held.
+    Only what is in use is copied (the index, rows up to the high-water mark, the free-row
+    stack, the key heap), so the copy stays as sparse as the source. The copy gets its own
+    creation stamp, so the destination never mistakes the source's write-ahead log for its
+    own, and clean counters (no writer inside a batch). Lock held.
     """
     lay = m.layout
     fresh = dataclasses.replace(lay, created_ns=time.time_ns())
-    fd = create_allocated(dest, lay.file_size)
+    c = m.counters
+    used = [
+        (lay.index_offset, lay.slot_count * 8),
+        (lay.rows_offset, int(c[Counter.ROWS_USED]) * lay.row_stride),
+        (lay.freelist_offset, int(c[Counter.FREE]) * 8),
+        (lay.heap_offset, int(c[Counter.HEAP_USED])),
+    ]
+    fd = create_sparse(dest, lay)
     try:
         view = memoryview(m.mm)
         try:
             step = 64 << 20
-            for off in range(HEADER_SIZE, lay.file_size, step):
-                os.pwrite(fd, view[off : min(off + step, lay.file_size)], off)
+            for start, length in used:
+                _allocate(fd, start, length)
+                for off in range(start, start + length, step):
+                    os.pwrite(fd, view[off : min(off + step, start + length)], off)
             header = bytearray(view[:HEADER_SIZE])
         finally:
             view.release()
@@ -184,14 +269,24 @@ def copy_version(m: Mapping, dest: str, durable: bool) -> None:
 def slot_rows(slots: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Live index slots: (slot numbers, row numbers as int64, row-in-range mask).
 
-    The range test is done on the unsigned field: a damaged slot near 2**64 must not turn
-    into a negative int64 that numpy would happily index from the end.
+    The range test is done on the unsigned field: a damaged slot must never turn into a
+    negative int64 that numpy would happily index from the end.
     """
-    srow = slots[:, 1]
-    live = np.flatnonzero((srow != SLOT_EMPTY) & (srow != SLOT_TOMB))
-    rows_u = srow[live] - np.uint64(1)
+    field = slots & ROW_FIELD
+    live = np.flatnonzero((field != SLOT_EMPTY) & (field != SLOT_TOMB))
+    rows_u = field[live] - np.uint64(1)
     in_range = rows_u < np.uint64(capacity)
     return live, np.where(in_range, rows_u, np.uint64(0)).astype(np.int64), in_range
+
+
+def slot_fingerprints(slots: np.ndarray) -> np.ndarray:
+    """The fingerprint (24 bits of the key's hash) each slot carries."""
+    return slots >> FP_SHIFT
+
+
+def row_int_keys(m: Mapping, rows: np.ndarray) -> np.ndarray:
+    """The int64 key each of ``rows`` holds (the word after its sequence word), copied."""
+    return np.ascontiguousarray(m.rows()[rows, 8:16]).view(np.int64).reshape(-1)
 
 
 def row_vectors(m: Mapping, rows: np.ndarray) -> np.ndarray:
@@ -216,26 +311,24 @@ def row_tags(m: Mapping, rows: np.ndarray) -> np.ndarray:
 def export_live(m: Mapping) -> tuple[Any, np.ndarray, np.ndarray]:
     """Keys (packed for str tables), vectors and tags of every live row. Writer lock held."""
     lay = m.layout
-    slots = m.slots()
-    live, rows, in_range = slot_rows(slots, lay.row_capacity)
+    _, rows, in_range = slot_rows(m.slots(), lay.row_capacity)
     if not in_range.all():
         raise CorruptTableError(f"{m.path}: index points outside the row area; run `embkv check`")
-    order = np.argsort(rows, kind="stable")  # sequential reads of the row area
-    rows = rows[order]
+    rows = np.sort(rows)  # sequential reads of the row area
     vectors = row_vectors(m, rows)
     tags = row_tags(m, rows)
     if lay.key_type == "int64":
-        return slots[live[order], 0].view(np.int64).copy(), vectors, tags
+        return row_int_keys(m, rows), vectors, tags
     return m.view.export_str(rows), vectors, tags
 
 
 def live_keys(m: Mapping) -> Any:
     """Keys of the live rows: int64 array, or packed (hashes, offsets, blob) for a str table."""
-    slots = m.slots()
-    live, rows, in_range = slot_rows(slots, m.layout.row_capacity)
+    _, rows, in_range = slot_rows(m.slots(), m.layout.row_capacity)
+    rows = np.sort(rows[in_range])
     if m.layout.key_type == "int64":
-        return slots[live, 0].view(np.int64).copy()
-    return m.view.export_str(rows[in_range])
+        return row_int_keys(m, rows)
+    return m.view.export_str(rows)
 
 
 def bytes_per_row(m: Mapping) -> dict[str, float]:
@@ -243,21 +336,23 @@ def bytes_per_row(m: Mapping) -> dict[str, float]:
 
     ``vector`` is the stored vector (int8: codes and scale); ``row_header`` the row's own words
     (sequence, key fields, tag) plus padding to 8 bytes; ``index`` the hash slots; ``spare`` rows
-    allocated but not live (free or never used); ``free_list`` its stack; ``key_heap`` string
-    key bytes; ``overhead`` all but the vector, and ``total`` the whole file over the live rows.
-    With no live row every share is counted over one row.
+    written but not live (free for reuse); ``free_list`` its stack; ``key_heap`` the bytes of
+    string keys too long for their row; ``total`` the file's allocated bytes (what it costs in
+    memory or on disk: the file is sparse) over the live rows, and ``overhead`` all but the
+    vector. With no live row every share is counted over one row.
     """
     lay = m.layout
-    live = max(1, int(m.counters[Counter.LIVE]))
-    spare_rows = lay.row_capacity - int(m.counters[Counter.LIVE])
+    c = m.counters
+    live = max(1, int(c[Counter.LIVE]))
+    spare_rows = max(0, int(c[Counter.ROWS_USED]) - int(c[Counter.LIVE]))
     shares = {
         "vector": float(lay.vec_bytes),
         "row_header": float(lay.row_stride - lay.vec_bytes),
-        "index": lay.slot_count * 16 / live,
+        "index": lay.slot_count * 8 / live,
         "spare": spare_rows * lay.row_stride / live,
-        "free_list": lay.row_capacity * 8 / live,
-        "key_heap": lay.heap_capacity / live,
-        "total": lay.file_size / live,
+        "free_list": int(c[Counter.FREE]) * 8 / live,
+        "key_heap": int(c[Counter.HEAP_USED]) / live,
+        "total": m.allocated_bytes() / live,
     }
     shares["overhead"] = shares["total"] - shares["vector"]
     return {k: round(v, 2) for k, v in shares.items()}

@@ -14,9 +14,10 @@ import fcntl
 import os
 import re
 import struct
+import time
 import uuid
 
-from ..errors import SchemaError
+from ..errors import SchemaError, WriterLockedError
 from .format import COUNTERS_OFFSET, MAGIC, Counter
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "lock_path",
     "remove_stale_temps",
     "temp_path",
+    "wait_for_flock",
 ]
 
 TABLE_SUFFIX = ".ekv"
@@ -164,3 +166,22 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def wait_for_flock(fd: int, timeout: float, what: str) -> None:
+    """Take the exclusive ``flock`` on ``fd``, waiting with backoff up to ``timeout`` seconds.
+
+    :class:`WriterLockedError` if another process held it all that time. The kernel drops a
+    dead holder's lock, so a killed writer never blocks the next one.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise WriterLockedError(f"{what}: another writer held the lock for {timeout}s") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)

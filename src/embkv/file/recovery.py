@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .format import Counter
-from .kernels import SLOT_EMPTY, SLOT_TOMB
-from .mapping import Mapping, slot_rows
+from .kernels import ROW_FIELD, SLOT_EMPTY, SLOT_TOMB
+from .mapping import Mapping, delete_packed, put_packed, slot_rows
 from .wal import DELETE_INT, DELETE_STR, PUT_INT
 
 __all__ = ["apply_record", "recover_counters"]
@@ -24,21 +24,20 @@ def apply_record(m: Mapping, kind: int, count: int, payload: memoryview) -> bool
     the table, or the batch was cut short when it had used up the spare rows. Recovery then
     grows the table and applies it, as the writer would have.
     """
-    view = m.view
     vec_bytes = m.layout.vec_bytes
     if kind in (PUT_INT, DELETE_INT):
         keys = payload[: 8 * count]
         if kind == DELETE_INT:
-            view.delete_int(keys)
+            delete_packed(m, keys)
             return True
         tags = payload[8 * count : 16 * count]
         vectors = payload[16 * count :]
-        return len(vectors) == count * vec_bytes and view.put_int(keys, vectors, tags)
+        return len(vectors) == count * vec_bytes and put_packed(m, keys, vectors, tags)
     hashes = payload[: 8 * count]
     if kind == DELETE_STR:
         offsets = payload[8 * count : 8 * (2 * count + 1)]
         blob_len = int(np.frombuffer(offsets, dtype=np.uint64)[-1])
-        view.delete_str(hashes, offsets, payload[8 * (2 * count + 1) : 8 * (2 * count + 1) + blob_len])
+        delete_packed(m, (hashes, offsets, payload[8 * (2 * count + 1) : 8 * (2 * count + 1) + blob_len]))
         return True
     # PUT_STR: hashes | tags | offsets | blob | vectors
     tags = payload[8 * count : 16 * count]
@@ -46,7 +45,7 @@ def apply_record(m: Mapping, kind: int, count: int, payload: memoryview) -> bool
     blob_len = int(np.frombuffer(offsets, dtype=np.uint64)[-1])
     blob = payload[8 * (3 * count + 1) : 8 * (3 * count + 1) + blob_len]
     vectors = payload[8 * (3 * count + 1) + blob_len :]
-    return len(vectors) == count * vec_bytes and view.put_str(hashes, offsets, blob, vectors, tags)
+    return len(vectors) == count * vec_bytes and put_packed(m, (hashes, offsets, blob), vectors, tags)
 
 
 def recover_counters(m: Mapping, keep_dirty: bool = False) -> None:
@@ -57,7 +56,7 @@ def recover_counters(m: Mapping, keep_dirty: bool = False) -> None:
     """
     lay = m.layout
     slots = m.slots()
-    srow = slots[:, 1]
+    srow = slots & ROW_FIELD
     live = (srow != SLOT_EMPTY) & (srow != SLOT_TOMB)
     c = m.counters
     c[Counter.LIVE] = int(live.sum())
@@ -66,6 +65,8 @@ def recover_counters(m: Mapping, keep_dirty: bool = False) -> None:
     _, referenced, in_range = slot_rows(slots, lay.row_capacity)
     referenced = referenced[in_range]
     free = np.setdiff1d(np.arange(used, dtype=np.int64), referenced)
+    c[Counter.FREE] = 0
+    m.reserve(0, free_entries=len(free))  # the stack may be deeper than it was: room for it first
     m.freelist()[: len(free)] = free
     c[Counter.FREE] = len(free)
     if not keep_dirty:

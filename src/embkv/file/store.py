@@ -21,8 +21,9 @@ from ..errors import (
     TableNotFoundError,
 )
 from .codec import encode_rows
-from .format import DTYPES, FORMAT_VERSION, KEY_TYPES, DTypeName, KeyType, Layout
+from .format import DTYPES, KEY_TYPES, DTypeName, KeyType, Layout
 from .inputs import as_int_keys, as_str_keys, as_tags
+from .legacy import upgrade_file
 from .mapping import Chunk, Progress, build_version, copy_version
 from .publish import TABLE_SUFFIX, check_name, is_memory_path, remove_stale_temps, temp_path
 from .table import Table
@@ -260,19 +261,23 @@ class Store:
         return target[dest_name]
 
     def upgrade_table(self, name: str) -> bool:
-        """Rewrite a table written in an older format version in the current one; True if it did.
+        """Rewrite a table written by embkv 0.2 (format 2 or 3) in the current format; True if it did.
 
-        The rows are copied into a new version that is published atomically, like
-        ``load_table``: readers keep reading and switch on their next call, and every key
-        keeps its vector and tag. A table already in the current format is left alone.
+        This embkv does not open old files as tables (their error says to run this). The rows
+        are copied into a new version that is published atomically, like ``load_table``:
+        every key keeps its vector and tag, and embkv 0.2 readers still mapping the old file
+        let it go on their next call. A table already in the current format is left alone.
         """
         self._require_writable()
-        table = self[name]
-        with table.write_session() as session:
-            if session.mapping.layout.version >= FORMAT_VERSION:
-                return False
-            session.rebuild()
-        return True
+        path = self._table_path(name)
+        if not os.path.exists(path):
+            raise TableNotFoundError(f"no table {name!r} in {self.path}")
+        try:
+            return upgrade_file(path, name, self.lock_timeout, LOAD_HEADROOM)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise StorageError.from_os_error(exc, f"table {name!r}: could not write the upgraded version") from exc
 
     def drop_table(self, name: str) -> None:
         """Delete a table. Readers that still hold it get TableNotFoundError on their next call."""

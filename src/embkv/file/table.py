@@ -20,10 +20,10 @@ import numpy as np
 from ..errors import CorruptTableError, KeyTypeError, ReadOnlyError, SchemaError, StorageError, TableClosedError
 from ..interface import Capabilities
 from .codec import QUANTIZED, decode_rows, encode_rows
-from .format import Counter, DTypeName, KeyType
+from .format import FORMAT_VERSION, Counter, DTypeName, KeyType
 from .inputs import as_int_keys, as_str_keys, as_tags, as_vectors, default_row, lookup_keys, unpack_str
 from .kernels import KERNEL_BACKEND, KernelView
-from .mapping import Mapping, bytes_per_row, export_live, live_keys, put_packed
+from .mapping import Mapping, bytes_per_row, delete_packed, export_live, live_keys, put_packed
 from .publish import is_memory_path
 from .wal import DELETE_INT, DELETE_STR, PUT_INT, PUT_STR, SyncPolicy
 from .writer import CurrentVersion, TableWriter, WriteSession
@@ -152,8 +152,8 @@ class Table:
             "load_factor": round((live + int(c[Counter.TOMBS])) / lay.slot_count, 4),
             "free_rows": int(c[Counter.FREE]), "rows_used": int(c[Counter.ROWS_USED]),
             "key_heap_bytes": f"{int(c[Counter.HEAP_USED])}/{lay.heap_capacity}",
-            "file_bytes": lay.file_size, "bytes_per_row": bytes_per_row(m),
-            "generation": int(c[Counter.GENERATION]), "format_version": lay.version,
+            "file_bytes": lay.file_size, "allocated_bytes": m.allocated_bytes(), "bytes_per_row": bytes_per_row(m),
+            "generation": int(c[Counter.GENERATION]), "format_version": FORMAT_VERSION,
             "memory_only": not self.durable, "kernel": KERNEL_BACKEND,
         }
 
@@ -356,7 +356,7 @@ class Table:
             kind, parts = PUT_STR, [k[0], row_tags, k[1], k[2], vecs]
 
         def apply(m: Mapping) -> bool:
-            return put_packed(m.view, m.layout, k, vecs, row_tags)
+            return put_packed(m, k, vecs, row_tags)
 
         with self.write_session() as session:
             session.write(kind, n, parts, apply, extra_rows=n, extra_heap=0 if self._int_keys else len(k[2]))
@@ -368,11 +368,8 @@ class Table:
         if n == 0:
             return 0
         with self.write_session() as session:
-            if self._int_keys:
-                session.log(DELETE_INT, n, [k])
-                return session.mapping.view.delete_int(k)
-            session.log(DELETE_STR, n, list(k))
-            return session.mapping.view.delete_str(*k)
+            session.log(DELETE_INT, n, [k]) if self._int_keys else session.log(DELETE_STR, n, list(k))
+            return delete_packed(session.mapping, k)
 
     def close(self) -> None:
         """Checkpoint a durable table's log, release the mapping and lock file.

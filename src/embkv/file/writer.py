@@ -28,6 +28,7 @@ from .publish import (
     keep_previous,
     lock_path,
     temp_path,
+    wait_for_flock,
 )
 from .recovery import apply_record, recover_counters
 from .wal import SyncPolicy, WriteAheadLog, boot_id, checkpoint_due, log_from_another_boot, wal_path
@@ -145,19 +146,8 @@ class TableWriter:
             self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             self._lock_pid = pid
         fd = self._lock_fd
-        deadline = time.monotonic() + timeout
-        delay = 0.0005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise WriterLockedError(
-                        f"table {self.name!r}: another writer held the lock for {timeout}s"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+        wait_for_flock(fd, timeout, f"table {self.name!r}")
+        return fd
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -275,7 +265,11 @@ class TableWriter:
         lay = m.layout
         live = int(m.counters[Counter.LIVE])
         need = live + extra_rows
-        capacity = lay.row_capacity if need <= lay.row_capacity else max(2 * lay.row_capacity, need + need // 8)
+        # grow by 7/5, not 2: the index is sized to the capacity and allocated whole, and
+        # right after growth its load is 0.75 / 1.4 = 0.54, so a slot costs under 15 bytes a row
+        # (the spare rows themselves are sparse, so cost nothing until used)
+        grown = max(lay.row_capacity * 7 // 5, need + need // 8)
+        capacity = lay.row_capacity if need <= lay.row_capacity else grown
         keys, vectors, tags = export_live(m)
         heap = 0
         if lay.key_type == "str":

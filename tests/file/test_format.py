@@ -1,4 +1,4 @@
-"""Format version 3: rows without a tag word unless asked for, int8 and bfloat16 rows, version-2 files.
+"""Format version 4: compact rows and index, sparse sections, int8 and bfloat16 rows, old files.
 
 (The table contract for quantized rows is in the conformance suite; this file holds what is
 the file table's own: sizes, the on-disk form, old files, crash replay, check and repair.)
@@ -19,31 +19,15 @@ import embkv
 from embkv.cli import main as cli_main
 from embkv.file.check import check_table
 from embkv.file.codec import decode_rows, encode_rows
-from embkv.file.format import FORMAT_VERSION
-from helpers import check_vectors, die_in_put_packed, encode, fork_and_run
-
-V2_FIELDS = struct.Struct("<8sIIIIII QQQQ QQQQ QQ")  # the version-2 header: CRC at 112, no flags
-
-
-def as_version_2(path: str) -> None:
-    """Rewrite a tagged version-3 file's header as embkv 0.2 wrote it (the sections are the same)."""
-    with open(path, "r+b") as f:
-        head = bytearray(f.read(128))
-        fields = list(V2_FIELDS.unpack_from(head))
-        fields[1] = 2
-        fixed = V2_FIELDS.pack(*fields)
-        head[: len(fixed)] = fixed
-        head[112:116] = struct.pack("<I", zlib.crc32(fixed))
-        head[116:128] = bytes(12)
-        f.seek(0)
-        f.write(head)
-
+from embkv.file.format import COUNTERS_OFFSET, FORMAT_VERSION, Counter
+from embkv.file.legacy import write_legacy
+from helpers import die_in_put_packed, encode, fork_and_run
 
 # ------------------------------------------------------------------ row sizes
 
 
 @pytest.mark.parametrize(("key_type", "tags", "header"), [("int64", False, 16), ("int64", True, 24),
-                                                          ("str", False, 56), ("str", True, 64)])
+                                                          ("str", False, 32), ("str", True, 40)])
 def test_the_tag_word_is_only_in_tables_that_ask_for_it(store, key_type, tags, header):
     t = store.create_table("t", dim=16, key_type=key_type, tags=tags)
     assert t.tagged is tags and t.capabilities.tagged is tags
@@ -62,15 +46,62 @@ def test_stored_bytes_per_vector(store, dtype, vector_bytes):
                                   else "float32")
 
 
-def test_bulk_load_is_sized_to_the_data(store):
+@pytest.mark.parametrize(("key_type", "limit"), [("int64", 32), ("str", 48)])
+def test_bulk_load_costs_at_most_the_target_beyond_the_vector(store, key_type, limit):
     n = 100_000
-    t = store.load_table("t", np.arange(n), np.zeros((n, 16), dtype=np.float32))
+    keys = np.arange(n) if key_type == "int64" else [f"item:{i * 7919}" for i in range(n)]
+    t = store.load_table("t", keys, np.zeros((n, 16), dtype=np.float32))
     assert n < t.capacity <= n + n // 32 + 1
-    per_row = t.info()["bytes_per_row"]
-    assert per_row["spare"] <= 0.04 * (16 + 64) and per_row["row_header"] == 16
+    info = t.info()
+    per_row = info["bytes_per_row"]
     assert set(per_row) == {"vector", "row_header", "index", "spare", "free_list", "key_heap", "total",
                             "overhead"}
-    assert per_row["total"] == pytest.approx(t.info()["file_bytes"] / n, abs=0.01)
+    assert per_row["row_header"] == (16 if key_type == "int64" else 32) and per_row["key_heap"] == 0
+    assert per_row["spare"] == 0 and per_row["free_list"] == 0
+    assert per_row["index"] <= 11  # 8-byte slots at 73% load
+    assert per_row["total"] == pytest.approx(info["allocated_bytes"] / n, abs=0.01)
+    assert per_row["overhead"] <= limit, per_row
+    assert info["allocated_bytes"] < info["file_bytes"]  # the spare rows are a hole
+
+
+@pytest.mark.parametrize(("key_type", "limit"), [("int64", 32), ("str", 48)])
+def test_random_puts_stay_within_the_target(store, key_type, limit):
+    n = 100_000  # the batch in flight and the reservation granule cost under 2 bytes a row at this size
+    rng = np.random.default_rng(5)
+    t = store.create_table("t", 16, key_type=key_type)
+    for _ in range(300):
+        picked = rng.integers(0, n, 1000)
+        keys = picked if key_type == "int64" else [f"item:{k}" for k in picked.tolist()]
+        t.put(keys, np.ones((1000, 16), dtype=np.float32))
+    per_row = t.info()["bytes_per_row"]
+    assert per_row["overhead"] <= limit, per_row
+    assert len(t) > 0.9 * n
+
+
+def test_the_sections_beyond_the_index_are_allocated_as_the_writer_reaches_them(store):
+    t = store.create_table("t", dim=64, capacity=200_000)
+    info = t.info()
+    index_and_header = 4096 + info["index_slots"] * 8
+    assert info["allocated_bytes"] <= index_and_header + 4096 < info["file_bytes"] // 10
+    t.put(np.arange(1000), np.ones((1000, 64), dtype=np.float32))
+    grown = t.info()["allocated_bytes"] - info["allocated_bytes"]
+    assert 1000 * (16 + 256) <= grown <= 1000 * (16 + 256) + 2 * (64 << 10)  # rows, plus reservation granules
+    copy = store.copy_table("t", "c")  # a copy stays as sparse as its source
+    assert copy.info()["allocated_bytes"] <= t.info()["allocated_bytes"] + 4096
+    assert (copy.get(np.arange(1000))[0] == 1).all()
+
+
+def test_long_string_keys_go_to_the_heap_and_short_ones_stay_in_their_row(store):
+    t = store.create_table("t", dim=4, key_type="str")
+    short, exactly, long_ = "s" * 3, "e" * 24, "l" * 25
+    t.put([short, exactly, long_], np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert t.info()["key_heap_bytes"].startswith(f"{8 + 25}/")
+    t.put([long_], np.zeros((1, 4), dtype=np.float32))  # rewriting a long key shares its heap bytes
+    assert t.info()["key_heap_bytes"].startswith(f"{8 + 25}/")
+    vectors, found = t.get([short, exactly, long_, "l" * 26, "e" * 23, "l" * 24])
+    assert found.tolist() == [True, True, True, False, False, False]
+    assert vectors[:3, 0].tolist() == [0, 4, 0]
+    assert sorted(t.keys()) == sorted([short, exactly, long_]) and check_table(t.path).ok
 
 
 def test_embkv_info_prints_bytes_per_row(store):
@@ -78,7 +109,7 @@ def test_embkv_info_prints_bytes_per_row(store):
     out = CliRunner().invoke(cli_main, ["info", store.path, "t"])
     assert out.exit_code == 0, out.output
     assert "bytes/row (32 vector +" in out.output and "load_factor" in out.output
-    assert "index" in out.output and "format_version  3" in out.output
+    assert "index" in out.output and f"format_version  {FORMAT_VERSION}" in out.output
 
 
 # ------------------------------------------------------------------ quantized rows
@@ -177,15 +208,6 @@ def test_unknown_flags_and_a_used_reserved_word_are_refused(store, offset, value
         embkv.open(store.path, readonly=True)["t"]
 
 
-def test_a_version_2_header_cannot_name_a_version_3_dtype(store):
-    store.create_table("t", dim=4, tags=True).close()
-    path = os.path.join(store.path, "t.ekv")
-    as_version_2(path)
-    _set_field(path, 20, 4, crc_at=112)  # dtype code 4 (int8) did not exist in version 2
-    with pytest.raises(embkv.CorruptTableError, match="out of range"):
-        embkv.open(store.path, readonly=True)["t"]
-
-
 def test_the_tag_flag_must_match_the_row_layout(store):
     store.create_table("t", dim=4).close()
     path = os.path.join(store.path, "t.ekv")
@@ -247,27 +269,64 @@ def test_export_to_a_missing_folder_says_so(store, tmp_path):
     assert out.exit_code != 0 and "does not exist" in out.output
 
 
-# ------------------------------------------------------------------ version-2 files
+# ------------------------------------------------------------------ old files: embkv upgrade
 
 
-def test_version_2_files_open_read_write_and_upgrade(store):
-    t = store.create_table("t", dim=16, tags=True)
-    keys = np.arange(500)
-    t.put(keys, encode(keys, 1), tags=keys + 7)
-    t.close()
-    as_version_2(os.path.join(store.path, "t.ekv"))
-    reader = embkv.open(store.path, readonly=True)["t"]
-    assert reader.info()["format_version"] == 2 and reader.tagged
-    assert (check_vectors(keys, reader.get(keys)[0]) == 1).all()
-    writer = embkv.open(store.path)["t"]
-    writer.put([1000], encode([1000], 2), tags=[5])  # written in place: still version 2
-    assert writer.info()["format_version"] == 2 and check_table(writer.path).ok
-    out = CliRunner().invoke(cli_main, ["upgrade", store.path])
-    assert out.exit_code == 0 and "t: upgraded from format version 2 to 3" in out.output, out.output
-    everything = np.append(keys, 1000)
-    vectors, found, tags = reader.get_tagged(everything)  # the open reader switched to the new version
-    assert reader.info()["format_version"] == 3 and found.all()
-    assert check_vectors(everything, vectors).tolist() == [1] * 500 + [2]
-    assert tags.tolist() == [*(keys + 7).tolist(), 5]
-    again = CliRunner().invoke(cli_main, ["upgrade", store.path, "t"])
-    assert "t: already format version 3" in again.output
+def _legacy(store_path: str, version: int, key_type: str, dtype: str = "float32", tagged: bool = True) -> tuple:
+    os.makedirs(store_path, exist_ok=True)
+    n = 500
+    keys = np.arange(n) * 3 if key_type == "int64" else [f"user-{i}" for i in range(n - 5)] + [
+        f"a-user-id-longer-than-the-row-{i}" for i in range(5)]
+    floats = np.random.default_rng(version).normal(size=(n, 16)).astype(np.float32)
+    stored = encode_rows(floats, dtype)
+    tags = np.arange(n, dtype=np.uint64) + 7 if tagged else None
+    write_legacy(os.path.join(store_path, "t.ekv"), keys if key_type == "int64" else list(keys), stored,
+                 dtype=dtype, version=version, tagged=tagged, tags=tags)
+    return keys, floats, tags
+
+
+@pytest.mark.parametrize(("version", "key_type", "dtype", "tagged"), [
+    (2, "int64", "float32", True), (2, "str", "float16", True), (3, "int64", "int8", False),
+    (3, "str", "bfloat16", True)])
+def test_old_files_are_refused_with_the_command_and_upgraded_without_loss(store_path, version, key_type, dtype,
+                                                                          tagged):
+    keys, floats, tags = _legacy(store_path, version, key_type, dtype, tagged)
+    path = os.path.join(store_path, "t.ekv")
+    with pytest.raises(embkv.FormatVersionError, match=r"embkv upgrade STORE \[TABLE\]"):
+        embkv.open(store_path)["t"]
+    with open(path, "rb") as old:  # an embkv 0.2 reader still mapping the old file
+        out = CliRunner().invoke(cli_main, ["upgrade", store_path])
+        assert out.exit_code == 0 and f"t: upgraded to format version {FORMAT_VERSION}" in out.output, out.output
+        old.seek(COUNTERS_OFFSET + 8 * Counter.SUPERSEDED)
+        assert struct.unpack("<Q", old.read(8))[0] == 1  # told to let go
+    t = embkv.open(store_path, readonly=True)["t"]
+    assert t.info()["format_version"] == FORMAT_VERSION and t.stored_dtype == dtype and t.tagged is tagged
+    vectors, found, got_tags = t.get_tagged(list(keys) if key_type == "str" else keys)
+    assert found.all() and len(t) == len(keys)
+    assert np.array_equal(vectors, decode_rows(encode_rows(floats, dtype), dtype, floats.shape[1]))
+    assert got_tags.tolist() == (tags.tolist() if tagged else [0] * len(keys))
+    assert check_table(t.path).ok
+    again = CliRunner().invoke(cli_main, ["upgrade", store_path, "t"])
+    assert f"t: already format version {FORMAT_VERSION}" in again.output
+
+
+def test_upgrade_refuses_a_file_whose_embkv_0_2_writer_died_inside_a_batch(store_path):
+    _legacy(store_path, 2, "int64")
+    path = os.path.join(store_path, "t.ekv")
+    with open(path, "r+b") as f:
+        f.seek(COUNTERS_OFFSET + 8 * Counter.DIRTY)
+        f.write(struct.pack("<Q", 4242))
+    out = CliRunner().invoke(cli_main, ["upgrade", store_path, "t"])
+    assert out.exit_code != 0 and "pid 4242" in out.output and "embkv 0.2" in out.output, out.output
+    with pytest.raises(embkv.FormatVersionError):  # left as it was
+        embkv.open(store_path)["t"]
+
+
+def test_upgrade_of_a_damaged_old_file_is_a_clear_error(store_path):
+    _legacy(store_path, 2, "int64")
+    path = os.path.join(store_path, "t.ekv")
+    with open(path, "r+b") as f:
+        f.seek(40)  # the row stride
+        f.write(struct.pack("<Q", 3))
+    with pytest.raises(embkv.CorruptTableError, match="checksum"):
+        embkv.open(store_path).upgrade_table("t")
