@@ -86,7 +86,7 @@ def test_the_sections_beyond_the_index_are_allocated_as_the_writer_reaches_them(
     t.put(np.arange(1000), np.ones((1000, 64), dtype=np.float32))
     grown = t.info()["allocated_bytes"] - info["allocated_bytes"]
     assert 1000 * (16 + 256) <= grown <= 1000 * (16 + 256) + 2 * (64 << 10)  # rows, plus reservation granules
-    copy = store.copy_table("t", "c")  # a copy stays as sparse as its source
+    copy = store.copy_table("t", store, "c")  # a copy stays as sparse as its source
     assert copy.info()["allocated_bytes"] <= t.info()["allocated_bytes"] + 4096
     assert (copy.get(np.arange(1000))[0] == 1).all()
 
