@@ -149,9 +149,11 @@ def hold_lock(path: str, name: str, held: Any, release: Any, q: Any) -> None:
 
 def hold_lock_then_die(path: str, name: str, keys: Any, held: Any) -> None:
     """Enter a write batch, write some rows through the kernel, then block until killed."""
+    from embkv.file.mapping import put_packed
+
     table = embkv.open(path)[name]
     with table.write_session() as session:
-        session.mapping.view.put_int(np.ascontiguousarray(keys, dtype=np.int64), encode(keys, 77))
+        assert put_packed(session.mapping, np.ascontiguousarray(keys, dtype=np.int64), encode(keys, 77), None)
         held.set()
         time.sleep(600)
 

@@ -95,6 +95,10 @@ typedef struct {
     uint64_t slot_count; /* any count: a key's home slot is mulhi(hash, slot_count) */
     uint64_t row_capacity;
     uint64_t heap_capacity;
+    /* how far the writer may take new rows and heap bytes: the file is sparse and the writer
+     * reserves space before it writes (Mapping.reserve), so a batch must fit below these */
+    uint64_t row_limit;
+    uint64_t heap_limit;
     uint64_t row_stride;
     uint64_t row_header;
     uint64_t vec_bytes; /* a stored vector */
@@ -195,6 +199,8 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     self->slot_count = slot_count;
     self->row_capacity = row_capacity;
     self->heap_capacity = heap_capacity;
+    self->row_limit = row_capacity;
+    self->heap_limit = heap_capacity;
     self->row_stride = row_stride;
     self->row_header = row_header;
     self->vec_bytes = vec_bytes;
@@ -771,7 +777,7 @@ static int alloc_row(View *v, uint64_t *r)
         return 0;
     }
     uint64_t used = v->ctr[C_ROWS_USED];
-    if (used >= v->row_capacity)
+    if (used >= v->row_capacity || used >= v->row_limit)
         return R_CORRUPT; /* pre-checked by the caller; reaching this means the counters lie */
     STORE_RLX(&v->ctr[C_ROWS_USED], used + 1);
     *r = used;
@@ -949,7 +955,7 @@ static int put_one(View *v, uint64_t h, uint64_t ikey, const char *kb, uint64_t 
                 memcpy(&off, (const char *)&row_meta(v, (*s & ROW_FIELD) - 1)[1] + LONG_PREFIX, 8); /* same bytes: share */
             } else {
                 off = v->ctr[C_HEAP_USED];
-                if (!check_range(off, heap_need(kl), v->heap_capacity))
+                if (!check_range(off, heap_need(kl), v->heap_limit))
                     return R_CORRUPT; /* pre-checked */
                 memcpy(v->heap + off, &kl, 8);
                 memcpy(v->heap + off + 8, kb, kl);
@@ -977,19 +983,33 @@ static int room_for(View *v, uint64_t n, uint64_t heap_bytes)
     uint64_t cap = v->row_capacity, used = v->ctr[C_ROWS_USED], nfree = v->ctr[C_FREE];
     if (used > cap || nfree > cap)
         return R_CORRUPT;
-    if (nfree + (cap - used) < n)
+    uint64_t limit = v->row_limit < cap ? v->row_limit : cap;
+    if (nfree + (limit > used ? limit - used : 0) < n)
         return 0;
     uint64_t occupied = v->ctr[C_LIVE] + v->ctr[C_TOMBS];
     if ((occupied + n) * 4 > v->slot_count * 3)
         return 0;
-    if (heap_bytes && v->ctr[C_HEAP_USED] + heap_bytes > v->heap_capacity)
+    uint64_t heap_limit = v->heap_limit < v->heap_capacity ? v->heap_limit : v->heap_capacity;
+    if (heap_bytes && v->ctr[C_HEAP_USED] + heap_bytes > heap_limit)
         return 0;
     return 1;
 }
 
+/* set_limits(rows, heap_bytes): the rows and heap bytes reserved so far (see View.row_limit) */
+static PyObject *View_set_limits(View *self, PyObject *args)
+{
+    unsigned long long rows, heap;
+    if (!PyArg_ParseTuple(args, "KK", &rows, &heap))
+        return NULL;
+    self->row_limit = rows < self->row_capacity ? rows : self->row_capacity;
+    self->heap_limit = heap < self->heap_capacity ? heap : self->heap_capacity;
+    Py_RETURN_NONE;
+}
+
 /* the worst case (every key new) did not fit: count the keys that really are new, since
  * rewriting existing keys needs only one spare row at a time (copy-on-write, then free) */
-static int room_for_exact(View *v, const int64_t *ikeys, packed_t *pk, uint64_t n)
+static int room_for_exact(View *v, const int64_t *ikeys, packed_t *pk, uint64_t n, uint64_t *rows_out,
+                          uint64_t *heap_out)
 {
     uint64_t fresh = 0, fresh_heap = 0, j;
     int found, rc;
@@ -1005,7 +1025,15 @@ static int room_for_exact(View *v, const int64_t *ikeys, packed_t *pk, uint64_t 
             return rc;
         fresh += !found;
     }
+    *rows_out = fresh + 1;
+    *heap_out = fresh_heap;
     return room_for(v, fresh + 1, fresh_heap);
+}
+
+/* what a put that did not fit answers: the new rows (plus one spare) and heap bytes it needs */
+static PyObject *needs(uint64_t rows, uint64_t heap)
+{
+    return Py_BuildValue("(KK)", (unsigned long long)rows, (unsigned long long)heap);
 }
 
 /* the optional tags argument of put: None (every row tag 0) or n u64; *tags NULL for None */
@@ -1025,7 +1053,8 @@ static int tags_get(PyObject *tags_o, uint64_t n, Py_buffer *tb, const uint64_t 
     return 0;
 }
 
-/* put_int(keys, vectors[, tags]) -> True, or False when the table must grow first (nothing written) */
+/* put_int(keys, vectors[, tags]) -> True, or (rows, heap bytes) the batch needs when it does not fit in
+ * the space reserved or the table (nothing written): the writer reserves that much, or grows the table */
 static PyObject *View_put_int(View *self, PyObject *args)
 {
     Py_buffer kb, vb, tb;
@@ -1044,14 +1073,15 @@ static PyObject *View_put_int(View *self, PyObject *args)
     }
     if (tags_get(tags_o, n, &tb, &tags) < 0)
         goto out;
+    uint64_t need_rows = 0, need_heap = 0;
     rc = room_for(self, n, 0);
     if (rc == 0)
-        rc = room_for_exact(self, (const int64_t *)kb.buf, NULL, n);
+        rc = room_for_exact(self, (const int64_t *)kb.buf, NULL, n, &need_rows, &need_heap);
     if (rc <= 0) {
         if (rc < 0)
             raise_code(rc, 0);
         else
-            res = Py_NewRef(Py_False);
+            res = needs(need_rows, need_heap);
         goto out;
     }
     const int64_t *keys = (const int64_t *)kb.buf;
@@ -1104,14 +1134,15 @@ static PyObject *View_put_str(View *self, PyObject *args)
     uint64_t heap_bytes = 0;
     for (i = 0; i < pk.n; i++)
         heap_bytes += heap_need(pk.offs[i + 1] - pk.offs[i]);
+    uint64_t need_rows = 0, need_heap = 0;
     rc = room_for(self, pk.n, heap_bytes);
     if (rc == 0)
-        rc = room_for_exact(self, NULL, &pk, pk.n);
+        rc = room_for_exact(self, NULL, &pk, pk.n, &need_rows, &need_heap);
     if (rc <= 0) {
         if (rc < 0)
             raise_code(rc, 0);
         else
-            res = Py_NewRef(Py_False);
+            res = needs(need_rows, need_heap);
         goto out;
     }
     const char *vecs = (const char *)vb.buf;
@@ -1333,9 +1364,11 @@ static PyMethodDef View_methods[] = {
     {"get_strlist", (PyCFunction)(void (*)(void))View_get_strlist, METH_FASTCALL,
      "get_strlist(keys, out|None, found[, default, ...]): like get_int, string keys read from a list"},
     {"put_int", (PyCFunction)View_put_int, METH_VARARGS,
-     "put_int(keys, vectors[, tags]) -> False if the table must grow"},
+     "put_int(keys, vectors[, tags]) -> True, or (rows, heap bytes) needed if the batch does not fit"},
     {"put_str", (PyCFunction)View_put_str, METH_VARARGS,
-     "put_str(hashes, offsets, blob, vectors[, tags]) -> False if the table must grow"},
+     "put_str(hashes, offsets, blob, vectors[, tags]) -> True, or (rows, heap bytes) needed if it does not fit"},
+    {"set_limits", (PyCFunction)View_set_limits, METH_VARARGS,
+     "set_limits(rows, heap_bytes): how far puts may take new rows and heap bytes (the space reserved)"},
     {"delete_int", (PyCFunction)View_delete_int, METH_VARARGS, "delete_int(keys) -> number deleted"},
     {"delete_str", (PyCFunction)View_delete_str, METH_VARARGS, "delete_str(hashes, offsets, blob) -> deleted"},
     {"export_str", (PyCFunction)View_export_str, METH_VARARGS, "export_str(rows) -> packed keys of those rows"},

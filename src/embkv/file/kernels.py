@@ -62,11 +62,14 @@ class KernelView(Protocol):
                 stale_as_miss: bool = False) -> int: ...
     def get_strlist(self, keys: Any, out: Any, found: Any, default: Any = None, tags: Any = None,
                     min_version: int = -1, max_age: int = 0, stats: Any = None, stale_as_miss: bool = False) -> int: ...
-    def put_int(self, keys: Any, vectors: Any, tags: Any = None) -> bool: ...
-    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any, tags: Any = None) -> bool: ...
+    # True, or (new rows, heap bytes) the batch needs when it does not fit (nothing written then)
+    def put_int(self, keys: Any, vectors: Any, tags: Any = None) -> Literal[True] | tuple[int, int]: ...
+    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any,
+                tags: Any = None) -> Literal[True] | tuple[int, int]: ...
     def delete_int(self, keys: Any) -> int: ...
     def delete_str(self, hashes: Any, offsets: Any, blob: Any) -> int: ...
     def export_str(self, rows: Any) -> tuple[bytes, bytes, bytes]: ...
+    def set_limits(self, rows: int, heap_bytes: int) -> None: ...
     def verify_rows(self, rows: Any) -> list[tuple[int, str]]: ...
     def release(self) -> None: ...
 
@@ -158,6 +161,12 @@ class NumpyView:
             np.uint64)
         self.heap = raw[layout.heap_offset : layout.heap_offset + layout.heap_capacity]
         self.slot_count = layout.slot_count
+        self.row_limit = layout.row_capacity  # how far puts may take new rows / heap bytes (reserved space)
+        self.heap_limit = layout.heap_capacity
+
+    def set_limits(self, rows: int, heap_bytes: int) -> None:
+        self.row_limit = min(rows, self.layout.row_capacity)
+        self.heap_limit = min(heap_bytes, self.layout.heap_capacity)
 
     def release(self) -> None:
         for name in ("_raw", "ctr", "slots", "rows", "meta", "vecs", "freelist", "heap"):
@@ -330,11 +339,11 @@ class NumpyView:
     def _room_for(self, n: int, heap_bytes: int) -> bool:
         c = self.ctr
         lay = self.layout
-        if int(c[Counter.FREE]) + lay.row_capacity - int(c[Counter.ROWS_USED]) < n:
+        if int(c[Counter.FREE]) + max(0, self.row_limit - int(c[Counter.ROWS_USED])) < n:
             return False
         if int(c[Counter.LIVE]) + int(c[Counter.TOMBS]) + n > lay.slot_count * MAX_LOAD:  # _kernels.c: x * 4 > s * 3
             return False
-        return int(c[Counter.HEAP_USED]) + heap_bytes <= lay.heap_capacity
+        return heap_bytes == 0 or int(c[Counter.HEAP_USED]) + heap_bytes <= self.heap_limit
 
     def _probe(self, h: int, ikey: int, key_bytes: bytes | None) -> tuple[int, bool]:
         n = self.slot_count
@@ -369,6 +378,8 @@ class NumpyView:
                 raise CorruptTableError("free list points outside the row area")
             return r
         r = int(c[Counter.ROWS_USED])
+        if r >= self.row_limit:
+            raise CorruptTableError("no reserved row left: the counters lie")
         c[Counter.ROWS_USED] += np.uint64(1)
         return r
 
@@ -441,22 +452,24 @@ class NumpyView:
             self.slots[j] = word
             self.ctr[Counter.LIVE] += np.uint64(1)
 
-    def _room_for_exact(self, hashes: list[int], ikeys: list[int], key_bytes: list[bytes] | None) -> bool:
-        """Like _kernels.c: only keys not yet present need rows, slots and heap (plus one spare row)."""
+    def _needs(self, hashes: list[int], ikeys: list[int], key_bytes: list[bytes] | None) -> tuple[int, int]:
+        """Like _kernels.c: only keys not yet present need rows and heap (plus one spare row)."""
         fresh, fresh_heap = 0, 0
         for i, h in enumerate(hashes):
             kb = None if key_bytes is None else key_bytes[i]
             if not self._probe(h, ikeys[i], kb)[1]:
                 fresh += 1
                 fresh_heap += 0 if kb is None else _heap_need(len(kb))
-        return self._room_for(fresh + 1, fresh_heap)
+        return fresh + 1, fresh_heap
 
-    def put_int(self, keys: Any, vectors: Any, tags: Any = None) -> bool:
+    def put_int(self, keys: Any, vectors: Any, tags: Any = None) -> Literal[True] | tuple[int, int]:
         k = np.frombuffer(keys, dtype=np.int64)
         hashes = mix64(k).tolist()
         ikeys = k.view(np.uint64).tolist()
-        if not self._room_for(len(k), 0) and not self._room_for_exact(hashes, ikeys, None):
-            return False
+        if not self._room_for(len(k), 0):
+            needs = self._needs(hashes, ikeys, None)
+            if not self._room_for(*needs):
+                return needs
         vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(k), self.layout.vec_bytes)
         row_tags = _tags_list(tags, len(k))
         for i, key in enumerate(ikeys):
@@ -464,15 +477,16 @@ class NumpyView:
         self.ctr[Counter.GENERATION] += np.uint64(1)
         return True
 
-    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any, tags: Any = None) -> bool:
+    def put_str(self, hashes: Any, offsets: Any, blob: Any, vectors: Any,
+                tags: Any = None) -> Literal[True] | tuple[int, int]:
         h = np.frombuffer(hashes, dtype=np.uint64).tolist()
         o = np.frombuffer(offsets, dtype=np.uint64).tolist()
         blob = bytes(blob)
         keys = [blob[o[i] : o[i + 1]] for i in range(len(h))]
-        zeros = [0] * len(h)
-        if not self._room_for(len(h), sum(_heap_need(len(kb)) for kb in keys)) and not self._room_for_exact(
-                h, zeros, keys):
-            return False
+        if not self._room_for(len(h), sum(_heap_need(len(kb)) for kb in keys)):
+            needs = self._needs(h, [0] * len(h), keys)
+            if not self._room_for(*needs):
+                return needs
         vecs = np.frombuffer(vectors, dtype=np.uint8).reshape(len(h), self.layout.vec_bytes)
         row_tags = _tags_list(tags, len(h))
         for i, hv in enumerate(h):

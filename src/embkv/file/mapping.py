@@ -13,7 +13,7 @@ import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -76,6 +76,8 @@ class Mapping:
         self.counters = np.frombuffer(self.mm, dtype=np.uint64, count=Counter.COUNT, offset=COUNTERS_OFFSET)
         check_counters(self.counters, self.layout, where=path)
         self.view: KernelView = make_view(self.mm, writable, self.layout)
+        if writable:  # what lies below the counters was written, so is allocated
+            self.view.set_limits(int(self.counters[Counter.ROWS_USED]), int(self.counters[Counter.HEAP_USED]))
 
     def close(self) -> None:
         """Drop this process's references; the memory goes when the last in-flight call ends."""
@@ -95,26 +97,28 @@ class Mapping:
         if not is_memory_path(self.path):
             self.mm.flush()
 
-    def reserve(self, rows: int, heap_bytes: int = 0, free_entries: int | None = None) -> None:
-        """Allocate file space for a batch that may take ``rows`` rows, free ``free_entries``
+    def reserve(self, rows: int, heap_bytes: int = 0, free_entries: int | None = None) -> bool:
+        """Allocate file space for a batch that may take ``rows`` new rows, free ``free_entries``
         (default: as many) and add ``heap_bytes`` of string keys, before the kernel writes
-        there. Lock held.
+        there; returns whether the rows or heap reserved grew. Lock held.
 
         The file is sparse beyond its index (format.py): a write into a hole of a full disk or
         tmpfs would kill the writer with SIGBUS, so space is reserved first and a full disk is an
-        ``OSError`` (ENOSPC) with nothing written. Reservations are rounded up to
+        ``OSError`` (ENOSPC) with nothing written. The kernel takes no new row or heap byte
+        beyond what is reserved (``set_limits``). Reservations are rounded up to
         ``RESERVE_GRANULE`` so most batches make no system call.
         """
-        if self.fd is None:
-            return
         lay = self.layout
         c = self.counters
         sections = {
-            "rows": (lay.rows_offset, lay.row_stride, lay.row_capacity, int(c[Counter.ROWS_USED]), rows),
+            # rows come off the free stack first: only what it cannot give needs new space
+            "rows": (lay.rows_offset, lay.row_stride, lay.row_capacity, int(c[Counter.ROWS_USED]),
+                     max(0, rows - int(c[Counter.FREE]))),
             "free": (lay.freelist_offset, 8, lay.row_capacity, int(c[Counter.FREE]),
                      rows if free_entries is None else free_entries),
             "heap": (lay.heap_offset, 1, lay.heap_capacity, int(c[Counter.HEAP_USED]), heap_bytes),
         }
+        grew = False
         for section, (start, unit, count, used, more) in sections.items():
             # what lies below the counter was written, so is allocated already: start from there
             done = max(self._reserved[section], unit * min(used, count) // PAGE * PAGE)
@@ -122,8 +126,13 @@ class Mapping:
             if need <= done:
                 continue
             end = min(_align(need, RESERVE_GRANULE), _align(unit * count, PAGE))
-            _allocate(self.fd, start + done, end - done)
+            if self.fd is not None:
+                _allocate(self.fd, start + done, end - done)
             self._reserved[section] = end
+            grew = grew or section != "free"
+        rows_end = max(self._reserved["rows"] // lay.row_stride, int(c[Counter.ROWS_USED]))
+        self.view.set_limits(rows_end, max(self._reserved["heap"], int(c[Counter.HEAP_USED])))
+        return grew
 
     def allocated_bytes(self) -> int:
         """Bytes of memory (``/dev/shm``) or disk the file holds: its allocated blocks."""
@@ -188,14 +197,26 @@ def put_packed(m: Mapping, keys: Any, vectors: Any, tags: Any, *, may_free: bool
     ``vectors`` and ``tags`` may be arrays or raw buffers (a replayed log record).
     """
     n = memoryview(vectors).nbytes // m.layout.vec_bytes
+    free_entries = n if may_free else 0
     if m.layout.key_type == "int64":
-        m.reserve(n, free_entries=n if may_free else 0)
-        return m.view.put_int(keys, vectors, tags)
-    hashes, offsets, blob = keys
-    lengths = np.diff(np.frombuffer(offsets, dtype=np.uint64).astype(np.int64))
-    long_keys = lengths > INLINE_KEY  # only these take heap bytes: a length word, then the key
-    m.reserve(n, int((lengths[long_keys] + 8).sum()), free_entries=n if may_free else 0)
-    return m.view.put_str(hashes, offsets, blob, vectors, tags)
+
+        def put() -> Literal[True] | tuple[int, int]:
+            return m.view.put_int(keys, vectors, tags)
+    else:
+        hashes, offsets, blob = keys
+
+        def put() -> Literal[True] | tuple[int, int]:
+            return m.view.put_str(hashes, offsets, blob, vectors, tags)
+
+    # first within the space already reserved (updates take the rows they free, so a steady
+    # stream of them needs no more); if it does not fit, the kernel says how many new rows and
+    # heap bytes it needs: reserve that and try once more. No room even then: the table must grow
+    m.reserve(0, free_entries=free_entries)
+    result = put()
+    if result is True:
+        return True
+    rows, heap = result
+    return m.reserve(rows, heap, free_entries) and put() is True
 
 
 def delete_packed(m: Mapping, keys: Any) -> int:
