@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CorruptTableError, SchemaError, TableNotFoundError
 from .codec import QUANTIZED
-from .format import COUNTERS_OFFSET, HEADER_SIZE, INLINE_KEY, PAGE, Counter, Layout, check_counters
+from .format import COUNTERS_OFFSET, HEADER_SIZE, PAGE, Counter, Layout, check_counters
 from .kernels import FP_SHIFT, ROW_FIELD, SLOT_EMPTY, SLOT_TOMB, KernelView, make_view
 from .publish import is_memory_path
 
