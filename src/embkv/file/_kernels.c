@@ -532,13 +532,24 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
             __builtin_prefetch(&self->slots[home_slot(self, starts[c])]);
         }
         if (m > 1) {
-            /* stage 2: the rows the home slots name (a hint only: the validated read follows) */
+            /* stage 2: the row of the first slot on each probe path whose fingerprint matches
+             * (a hint only: the validated read follows). At the index's load the home slot often
+             * holds another key, so prefetching the home slot's row would fetch the wrong one */
             for (uint64_t c = 0; c < m; c++) {
-                uint64_t rf = LOAD_RLX(&self->slots[home_slot(self, starts[c])]) & ROW_FIELD;
+                uint64_t j = home_slot(self, starts[c]), fp = FINGERPRINT(starts[c]);
                 rows[c] = UINT64_MAX;
-                if (rf != SLOT_EMPTY && rf != SLOT_TOMB && rf - 1 < self->row_capacity) {
-                    rows[c] = rf - 1;
-                    __builtin_prefetch(row_meta(self, rf - 1));
+                for (int step = 0; step < 8; step++) {
+                    uint64_t w = LOAD_RLX(&self->slots[j]), rf = w & ROW_FIELD;
+                    if (rf == SLOT_EMPTY)
+                        break;
+                    if (rf != SLOT_TOMB && (w >> ROW_BITS) == fp) {
+                        if (rf - 1 < self->row_capacity) {
+                            rows[c] = rf - 1;
+                            __builtin_prefetch(row_meta(self, rf - 1));
+                        }
+                        break;
+                    }
+                    j = next_slot(self, j);
                 }
             }
             /* stage 3: a long string key's bytes in the heap (prefetching vector lines too measured slower) */
