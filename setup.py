@@ -32,7 +32,12 @@ setup(
             sources=["src/embkv/file/_kernels.c"],
             include_dirs=["src/embkv/file"],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wno-unused-function"],
-        )
+        ),
+        Extension(
+            "embkv.train._idmap",
+            sources=["src/embkv/train/_idmap.c"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall"],
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -83,6 +83,10 @@ class ReadRetryError(EmbkvError, RuntimeError):
     """A row kept changing under a reader for the whole retry budget (a writer stuck mid-row)."""
 
 
+class StalenessError(EmbkvError, RuntimeError):
+    """A training table's pull would exceed its staleness bound (rows pulled, not yet pushed)."""
+
+
 class StoreNotFoundError(EmbkvError, FileNotFoundError):
     """A read-only open named a store folder that does not exist."""
 

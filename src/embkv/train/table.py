@@ -1,0 +1,619 @@
+"""``TrainingTable``: an embedding table to train, larger than memory, on the files embkv serves from.
+
+Rows live in an embkv table of the store (``<name>.train``: weights and optimizer state side by
+side); a hot-row cache of ``cache_bytes`` holds the rows in use, in process memory, and writes
+dirty ones back when it evicts them. ``pull`` returns rows (loading misses in one batched
+call, or having had a background thread load them from ``next_ids``), ``push`` runs the
+optimizer on the summed gradient of each row, ``checkpoint`` makes everything durable
+(checkpoint.py explains the protocol), ``publish`` writes the weights as a serving table.
+
+Thread safety: every public method takes the table's lock; the prefetch thread takes it too,
+and drops it while it reads rows. One process at a time may train a table (an ``flock`` on
+``<name>.train.lock``); a second gets :class:`WriterLockedError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ..errors import KeyTypeError, SchemaError, StalenessError, TableClosedError, WriterLockedError
+from ..file.publish import check_name, is_memory_path
+from ..file.store import Store
+from ..file.table import Table
+from .cache import HotCache, slot_bytes
+from .checkpoint import TrainRecord, load_counters, record_path, remove_counters_except, save_counters
+from .idmap import make_idmap
+from .init import initial_vectors
+from .optimizers import Optimizer, optimizer_from_config
+
+__all__ = ["TrainingTable"]
+
+CHUNK = 65536  # rows per store call when a checkpoint writes or merges
+EVICT_FRACTION = 16  # evict at least 1/16 of the cache at a time
+STALENESS_WAIT = 60.0  # seconds a blocking pull waits for outstanding pushes
+MAX_SEEN = 1 << 30  # ids the admission counters can follow before they refuse more
+SEEN_START = 1 << 12  # the counters' map starts this big and doubles as it fills
+
+
+class TrainingTable:
+    """An embedding table trained in place: pull rows, push gradients, checkpoint, publish.
+
+    Example::
+
+        store = embkv.open("/data/rec")
+        users = TrainingTable(store, "users", dim=64, optimizer=Adagrad(lr=0.05), cache_bytes=256 << 20)
+        rows = users.pull(ids, next_ids=ids_of_next_batch)   # float32 [B, 64]
+        users.push(ids, grads)                               # Adagrad, state beside each row
+        users.checkpoint()
+        users.publish(embkv.open("/dev/shm/serve"), "users")
+
+    ``init_std`` / ``seed``: rows never stored start as N(0, init_std), seeded by (seed, id).
+    ``staleness``: how many more pulls of a row may be outstanding (pulled, not yet pushed)
+    beyond one; 0 makes concurrent pipelines equal to synchronous training, and a pull past
+    the bound waits for the pushes (or raises :class:`StalenessError` with ``block=False``).
+    ``admit_after=k``: an id gets a stored row only once ``pull`` has seen it in k calls;
+    before that it reads its initial vector and its gradients are dropped. ``evict_after_steps=n``:
+    rows no pull or push touched in the last n steps are deleted at the next checkpoint. The
+    table is created if missing and otherwise reopened as last checkpointed; reopening with
+    another ``dim`` or another kind of optimizer raises :class:`SchemaError` naming both (the
+    optimizer's settings, such as its learning rate, may change between runs).
+    """
+
+    def __init__(self, store: Store, name: str, dim: int, optimizer: Optimizer, *, cache_bytes: int = 256 << 20,
+                 init_std: float = 0.01, seed: int = 0, staleness: int = 0, admit_after: int = 0,
+                 evict_after_steps: int = 0) -> None:
+        check_name(name)
+        if not isinstance(optimizer, Optimizer):
+            raise SchemaError(f"optimizer must be embkv.train.SGD, Adagrad or Adam, got {optimizer!r}")
+        for label, value in (("dim", dim), ("staleness", staleness), ("admit_after", admit_after),
+                             ("evict_after_steps", evict_after_steps), ("seed", seed)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise SchemaError(f"{label} must be an int >= 0, got {value!r}")
+        if not 0 < dim <= 1 << 16:
+            raise SchemaError(f"dim must be in 1..65536, got {dim}")
+        if not (isinstance(init_std, (int, float)) and np.isfinite(init_std) and init_std >= 0):
+            raise SchemaError(f"init_std must be finite and >= 0, got {init_std!r}")
+        self.store = store
+        self.name = name
+        self.dim = int(dim)
+        self.optimizer = optimizer
+        self.state_dim = optimizer.state_dim(self.dim)
+        self.width = self.dim + self.state_dim
+        self.staleness = int(staleness)
+        self._durable = not is_memory_path(store.path)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        self._lock_fd: int | None = self._take_trainer_lock()
+        try:
+            self._open(init_std, int(seed), int(admit_after), int(evict_after_steps))
+            self.cache = HotCache(cache_bytes, self.width)
+        except BaseException:
+            self._release_trainer_lock()
+            raise
+        self._stats = {"pulls": 0, "pushes": 0, "hits": 0, "misses": 0, "loaded": 0, "initialized": 0,
+                       "not_admitted": 0, "evictions": 0, "written_back": 0, "prefetched": 0,
+                       "skipped_rows": 0, "seconds_stalled": 0.0, "checkpoints": 0}
+        self._generation = 0  # bumped by evictions and checkpoints: a prefetch that spans one is dropped
+        self._prefetch_q: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=4)
+        self._prefetch_idle = threading.Event()
+        self._prefetch_idle.set()
+        self._prefetcher = threading.Thread(target=self._prefetch_loop, name=f"embkv-prefetch-{name}", daemon=True)
+        self._prefetcher.start()
+
+    # ---------------------------------------------------------------- open and the process lock
+
+    def _take_trainer_lock(self) -> int:
+        path = os.path.join(self.store.path, f"{self.name}.train.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WriterLockedError(f"training table {self.name!r} is open in another trainer process; one "
+                                    "process at a time trains a table") from None
+        return fd
+
+    def _release_trainer_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _open(self, init_std: float, seed: int, admit_after: int, evict_after_steps: int) -> None:
+        folder = self.store.path
+        self._record_path = record_path(folder, self.name)
+        record = TrainRecord.load(self._record_path)
+        wanted = TrainRecord(self.dim, self.optimizer.config(), float(init_std), seed, admit_after,
+                             evict_after_steps)
+        if record is None:
+            record = wanted
+            self.rows_table = self.store.create_table(f"{self.name}.train", self.width, tags=True, exist_ok=True)
+            self.spill = self.store.create_table(f"{self.name}.train-spill", self.width, tags=True, exist_ok=True)
+            record.save(self._record_path, self._durable)
+        else:
+            # another kind of optimizer keeps other state; its settings (a new lr) may change
+            if (record.dim, record.optimizer.get("name")) != (self.dim, self.optimizer.name):
+                raise SchemaError(
+                    f"training table {self.name!r} was created with dim={record.dim} and optimizer "
+                    f"{optimizer_from_config(record.optimizer)!r}; reopened with dim={self.dim} and {self.optimizer!r}")
+            record.optimizer = self.optimizer.config()
+            record.init_std, record.seed = float(init_std), seed  # the caller's choice for rows still unseen
+            record.admit_after, record.evict_after_steps = admit_after, evict_after_steps
+            self.rows_table = self.store[f"{self.name}.train"]
+            self.spill = self.store[f"{self.name}.train-spill"]
+        self.record = record
+        ids, counts = load_counters(folder, self.name, record.epoch)
+        self._seen = make_idmap(SEEN_START)
+        self._seen_capacity = SEEN_START
+        if len(ids):
+            self._count(ids, counts)
+        self.step = record.step
+        if record.merging:
+            self._merge()  # the last checkpoint committed but did not finish: finish it now
+        else:
+            self._empty_spill()  # rows evicted after the last checkpoint: not part of it
+
+    # ---------------------------------------------------------------- inputs
+
+    def _ids(self, ids: Any) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise KeyTypeError(f"training table {self.name!r}: ids must be integers, got dtype {arr.dtype}")
+        if arr.ndim != 1:
+            raise KeyTypeError(f"training table {self.name!r}: ids must be one-dimensional, got shape {arr.shape}")
+        if arr.dtype == np.uint64 and len(arr) and arr.max() > np.iinfo(np.int64).max:
+            raise KeyTypeError(f"training table {self.name!r}: ids must fit in int64")
+        return np.ascontiguousarray(arr, dtype=np.int64)
+
+    def _rows(self, values: Any, n: int, width: int, what: str) -> np.ndarray:
+        try:
+            arr = np.asarray(values, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise SchemaError(f"training table {self.name!r}: {what} must be numbers ({exc})") from None
+        if arr.shape != (n, width):
+            raise SchemaError(f"training table {self.name!r}: {what} must have shape ({n}, {width}), got {arr.shape}")
+        return arr
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise TableClosedError(f"training table {self.name!r} is closed")
+
+    # ---------------------------------------------------------------- rows into the cache
+
+    def _initial_rows(self, ids: np.ndarray) -> np.ndarray:
+        rows = np.empty((len(ids), self.width), dtype=np.float32)
+        rows[:, : self.dim] = initial_vectors(ids, self.dim, self.record.init_std, self.record.seed)
+        rows[:, self.dim :] = self.optimizer.initial_state(len(ids), self.dim)
+        return rows
+
+    def _read_stored(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``ids`` from the spill table, else the checkpointed rows: (rows, found)."""
+        rows, found = self.spill.get(ids)
+        if not found.all():
+            missing = np.flatnonzero(~found)
+            more, found_more = self.rows_table.get(ids[missing])
+            rows[missing[found_more]] = more[found_more]
+            found[missing[found_more]] = True
+        return rows, found
+
+    def _make_room(self, count: int, protect: np.ndarray) -> None:
+        """Evict until ``count`` slots are free, writing dirty victims to the spill table."""
+        cache = self.cache
+        if cache.free >= count:
+            return
+        want = max(count - cache.free, cache.capacity // EVICT_FRACTION)
+        victims = cache.victims(want, protect)
+        if cache.free + len(victims) < count:
+            pinned = int((cache.pins > 0).sum())
+            need = (count + pinned) * slot_bytes(self.width)
+            raise SchemaError(
+                f"training table {self.name!r}: cache_bytes holds {cache.capacity:,} rows, but this batch needs "
+                f"{count:,} new ones beside {pinned:,} pinned by outstanding pulls: give it at least {need:,} "
+                "bytes (or push before pulling more)")
+        dirty = victims[cache.dirty[victims]]
+        for start in range(0, len(dirty), CHUNK):
+            part = dirty[start : start + CHUNK]
+            self.spill.put(cache.ids[part], cache.data[part], tags=cache.last[part].astype(np.uint64))
+        cache.remove(victims)
+        self._stats["evictions"] += len(victims)
+        self._stats["written_back"] += len(dirty)
+        self._generation += 1
+
+    def _load(self, ids: np.ndarray, protect: np.ndarray, *, count_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Bring distinct uncached ``ids`` into the cache. Returns (slots, admitted): ids not admitted
+        yet get slot -1 (their initial vector is read, nothing is stored)."""
+        rows, found = self._read_stored(ids)
+        admitted = found.copy()
+        fresh = np.flatnonzero(~found)
+        if len(fresh):
+            if self.record.admit_after > 1:
+                admitted[fresh] = self._admit(ids[fresh], count_seen)
+            else:
+                admitted[fresh] = True
+            new = fresh[admitted[fresh]]
+            rows[new] = self._initial_rows(ids[new])
+            self._stats["initialized"] += len(new)
+            if count_seen:  # a pull's sighting (a push of a row not admitted is just dropped)
+                self._stats["not_admitted"] += int((~admitted[fresh]).sum())
+        self._stats["loaded"] += int(found.sum())
+        take = np.flatnonzero(admitted)
+        self._make_room(len(take), protect)
+        slots = np.full(len(ids), -1, dtype=np.int64)
+        slots[take] = self.cache.insert(ids[take], rows[take], self.step, dirty=~found[take])
+        return slots, admitted
+
+    def _admit(self, ids: np.ndarray, count_seen: bool) -> np.ndarray:
+        """Count one sighting of each never-stored id; True where it has now been seen admit_after times."""
+        counts = np.empty(len(ids), dtype=np.int64)
+        self._seen.lookup(ids, counts)
+        counts = np.maximum(counts, 0) + (1 if count_seen else 0)
+        admit = counts >= self.record.admit_after
+        if count_seen:
+            keep = ~admit
+            if keep.any():
+                self._count(ids[keep], counts[keep])
+            self._seen.remove(ids[admit])
+        return admit
+
+    def _count(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        """Set admission counters, growing their map (it starts small: most tables never use it)."""
+        while len(self._seen) + len(ids) > self._seen_capacity:
+            if self._seen_capacity >= MAX_SEEN:
+                raise SchemaError(f"training table {self.name!r}: more than {MAX_SEEN:,} ids wait for admission; "
+                                  "lower admit_after")
+            keys, values = self._seen.items()
+            self._seen_capacity *= 2
+            self._seen = make_idmap(self._seen_capacity)
+            self._seen.insert(keys, values)
+        self._seen.insert(np.ascontiguousarray(ids), np.ascontiguousarray(counts, dtype=np.int64))
+
+    def _locate_or_load(self, uniq: np.ndarray, *, count_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+        slots = self.cache.locate(uniq)
+        hit = slots >= 0
+        self._stats["hits"] += int(hit.sum())
+        admitted = hit.copy()
+        if not hit.all():
+            miss = np.flatnonzero(~hit)
+            self._stats["misses"] += len(miss)
+            t0 = time.perf_counter()
+            got, ok = self._load(uniq[miss], slots, count_seen=count_seen)
+            self._stats["seconds_stalled"] += time.perf_counter() - t0
+            slots[miss] = got
+            admitted[miss] = ok
+        return slots, admitted
+
+    # ---------------------------------------------------------------- pull and push
+
+    def pull(self, ids: Any, next_ids: Any = None, *, block: bool = True) -> np.ndarray:
+        """The rows of ``ids`` (float32 [B, dim]; duplicates allowed), pinned until their push.
+
+        ``next_ids``: the next batch's ids, loaded into the cache by a background thread while
+        the model computes. A row already pulled ``staleness + 1`` times without a push makes
+        the pull wait for those pushes (``block=False``: raise :class:`StalenessError`).
+        """
+        ids = self._ids(ids)
+        nxt = None if next_ids is None else self._ids(next_ids)
+        with self._lock:
+            self._require_open()
+            uniq, inverse = np.unique(ids, return_inverse=True)
+            self._wait_for_staleness(uniq, block)
+            slots, admitted = self._locate_or_load(uniq, count_seen=True)
+            cached = slots[admitted]
+            self.cache.pins[cached] += 1
+            self.cache.last[cached] = self.step
+            rows = np.empty((len(uniq), self.dim), dtype=np.float32)
+            rows[admitted] = self.cache.data[cached, : self.dim]
+            if not admitted.all():
+                rows[~admitted] = initial_vectors(uniq[~admitted], self.dim, self.record.init_std, self.record.seed)
+            self._stats["pulls"] += 1
+        if nxt is not None and len(nxt):
+            self._prefetch_idle.clear()
+            self._prefetch_q.put(nxt)
+        result: np.ndarray = rows[inverse]
+        return result
+
+    def _wait_for_staleness(self, uniq: np.ndarray, block: bool) -> None:
+        deadline = time.monotonic() + STALENESS_WAIT
+        t0 = time.perf_counter()
+        while True:
+            slots = self.cache.locate(uniq)
+            cached = slots[slots >= 0]
+            if not len(cached) or int(self.cache.pins[cached].max()) <= self.staleness:
+                break
+            if not block:
+                raise StalenessError(f"training table {self.name!r}: a row was pulled {self.staleness + 1} time(s) "
+                                     "without a push (the staleness bound)")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StalenessError(f"training table {self.name!r}: waited {STALENESS_WAIT:.0f}s for pushes of rows "
+                                     f"pulled {self.staleness + 1} time(s); push what you pulled")
+            self._cond.wait(left)
+        self._stats["seconds_stalled"] += time.perf_counter() - t0
+
+    def push(self, ids: Any, grads: Any, *, skip_nonfinite: bool = False) -> None:
+        """Apply the optimizer to the rows of ``ids`` with ``grads`` [B, dim]; duplicates are summed first.
+
+        NaN or inf gradients raise :class:`SchemaError` and nothing is applied, or with
+        ``skip_nonfinite=True`` their rows of the batch are dropped (counted in ``stats()``).
+        Ids not admitted yet are ignored.
+        """
+        ids = self._ids(ids)
+        grads = self._rows(grads, len(ids), self.dim, "grads")
+        finite = np.isfinite(grads).all(axis=1)
+        if not finite.all():
+            if not skip_nonfinite:
+                raise SchemaError(f"training table {self.name!r}: {int((~finite).sum())} gradient row(s) hold NaN "
+                                  "or inf; nothing was applied (skip_nonfinite=True drops those rows)")
+            ids, grads = ids[finite], grads[finite]
+        with self._lock:
+            self._require_open()
+            self._stats["skipped_rows"] += int((~finite).sum())
+            if not len(ids):
+                return
+            uniq, summed = _sum_duplicates(ids, grads)
+            slots, admitted = self._locate_or_load(uniq, count_seen=False)
+            s = slots[admitted]
+            self.step += 1
+            weights = self.cache.data[s, : self.dim]
+            state = self.cache.data[s, self.dim :]
+            self.optimizer.update(weights, state, summed[admitted], self.step)
+            self.cache.data[s, : self.dim] = weights
+            self.cache.data[s, self.dim :] = state
+            self.cache.dirty[s] = True
+            self.cache.last[s] = self.step
+            self.cache.pins[s] = np.maximum(self.cache.pins[s] - 1, 0)
+            self._stats["pushes"] += 1
+            self._cond.notify_all()
+
+    def push_rows(self, ids: Any, rows: Any, state: Any = None) -> None:
+        """Set the weights (and optimizer state, else its initial value) of ``ids``: a bulk load, or
+        training with your own optimizer. Admission does not apply; the last of duplicates wins."""
+        ids = self._ids(ids)
+        rows = self._rows(rows, len(ids), self.dim, "rows")
+        if not np.isfinite(rows).all():
+            raise SchemaError(f"training table {self.name!r}: rows hold NaN or inf; nothing was written")
+        st = (self.optimizer.initial_state(len(ids), self.dim) if state is None
+              else self._rows(state, len(ids), self.state_dim, "state"))
+        with self._lock:
+            self._require_open()
+            uniq, last = _last_of_duplicates(ids)
+            slots = self.cache.locate(uniq)
+            missing = np.flatnonzero(slots < 0)
+            if len(missing):
+                self._make_room(len(missing), slots)
+                slots[missing] = self.cache.insert(uniq[missing], np.zeros((len(missing), self.width), np.float32),
+                                                   self.step, dirty=True)
+                if self.record.admit_after > 1:
+                    self._seen.remove(uniq[missing])
+            self.cache.data[slots, : self.dim] = rows[last]
+            self.cache.data[slots, self.dim :] = st[last]
+            self.cache.dirty[slots] = True
+            self.cache.last[slots] = self.step
+
+    def pull_state(self, ids: Any) -> np.ndarray:
+        """The optimizer state of ``ids`` (float32 [B, state_dim]); the initial state for ids not stored.
+        Pins nothing and counts no sighting."""
+        ids = self._ids(ids)
+        with self._lock:
+            self._require_open()
+            uniq, inverse = np.unique(ids, return_inverse=True)
+            out = self.optimizer.initial_state(len(uniq), self.dim)
+            slots = self.cache.locate(uniq)
+            hit = slots >= 0
+            out[hit] = self.cache.data[slots[hit], self.dim :]
+            if not hit.all():
+                miss = np.flatnonzero(~hit)
+                rows, found = self._read_stored(uniq[miss])
+                out[miss[found]] = rows[found, self.dim :]
+        result: np.ndarray = out[inverse]
+        return result
+
+    def get(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(weights [B, dim], found [B]) without pinning or admission: for evaluation. Rows not
+        stored read as their initial vector, with found False."""
+        ids = self._ids(ids)
+        with self._lock:
+            self._require_open()
+            uniq, inverse = np.unique(ids, return_inverse=True)
+            out = initial_vectors(uniq, self.dim, self.record.init_std, self.record.seed)
+            slots = self.cache.locate(uniq)
+            found = slots >= 0
+            out[found] = self.cache.data[slots[found], : self.dim]
+            if not found.all():
+                miss = np.flatnonzero(~found)
+                rows, ok = self._read_stored(uniq[miss])
+                out[miss[ok]] = rows[ok, : self.dim]
+                found[miss[ok]] = True
+        return out[inverse], found[inverse]
+
+    # ---------------------------------------------------------------- prefetch
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            ids = self._prefetch_q.get()
+            if ids is None:
+                return
+            try:
+                self._prefetch(ids)
+            except Exception:  # a hint only: the pull loads what is missing itself
+                pass
+            finally:
+                if self._prefetch_q.empty():
+                    self._prefetch_idle.set()
+
+    def _prefetch(self, ids: np.ndarray) -> None:
+        uniq = np.unique(ids)
+        with self._lock:
+            if self._closed:
+                return
+            missing = uniq[self.cache.locate(uniq) < 0]
+            generation = self._generation
+        if not len(missing):
+            return
+        rows, found = self._read_stored(missing)  # the slow part, without the lock
+        with self._lock:
+            if self._closed or self._generation != generation:
+                return  # an eviction or checkpoint ran meanwhile: what was read may be stale
+            still = self.cache.locate(missing) < 0
+            take = np.flatnonzero(found & still)
+            if not len(take):
+                return
+            free = self.cache.free
+            if free < len(take):
+                self._make_room(len(take), np.zeros(0, dtype=np.int64))
+                if self._generation != generation + 1:
+                    return
+                generation = self._generation
+            self.cache.insert(missing[take], rows[take], self.step, dirty=False)
+            self._stats["prefetched"] += len(take)
+
+    def wait_prefetch(self, timeout: float | None = None) -> bool:
+        """Wait until the prefetch thread has loaded every ``next_ids`` given so far."""
+        return self._prefetch_idle.wait(timeout)
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def checkpoint(self) -> None:
+        """Make every push so far durable; reopening gives exactly these rows, state and counters."""
+        with self._lock:
+            self._require_open()
+            cache = self.cache
+            dirty = np.flatnonzero(cache.dirty & cache.used)
+            for start in range(0, len(dirty), CHUNK):
+                part = dirty[start : start + CHUNK]
+                self.spill.put(cache.ids[part], cache.data[part], tags=cache.last[part].astype(np.uint64))
+            cache.dirty[dirty] = False
+            _sync(self.spill)
+            epoch = self.record.epoch + 1
+            ids_b, counts_b = self._seen.items()
+            save_counters(self.store.path, self.name, epoch, np.frombuffer(ids_b, dtype=np.int64),
+                          np.frombuffer(counts_b, dtype=np.int64), self._durable)
+            self.record.step, self.record.epoch, self.record.merging = self.step, epoch, True
+            self.record.save(self._record_path, self._durable)  # the commit point
+            self._generation += 1
+            self._merge()
+            self._stats["checkpoints"] += 1
+
+    def _merge(self) -> None:
+        """Fold the spill table into the checkpointed rows, evict stale rows, and empty the spill."""
+        keys, vectors, tags = self.spill.export_tagged()
+        for start in range(0, len(keys), CHUNK):
+            self.rows_table.put(keys[start : start + CHUNK], vectors[start : start + CHUNK],
+                                tags=tags[start : start + CHUNK])
+        n = self.record.evict_after_steps
+        if n and self.record.step > n:
+            self._evict_untouched(self.record.step - n)
+        _sync(self.rows_table)
+        self._empty_spill()
+        self.record.merging = False
+        self.record.save(self._record_path, self._durable)
+        remove_counters_except(self.store.path, self.name, self.record.epoch)
+
+    def _evict_untouched(self, before_step: int) -> None:
+        keys, _, tags = self.rows_table.export_tagged()
+        old = keys[tags < np.uint64(before_step)]
+        if hasattr(self, "cache"):  # rows touched since the checkpoint stay
+            slots = self.cache.locate(old)
+            cached = slots >= 0
+            recent = np.zeros(len(old), dtype=np.bool_)
+            recent[cached] = self.cache.last[slots[cached]] >= before_step
+            gone = slots[cached & ~recent]
+            self.cache.remove(gone[self.cache.pins[gone] == 0])
+            old = old[~recent]
+        for start in range(0, len(old), CHUNK):
+            self.rows_table.delete(old[start : start + CHUNK])
+
+    def _empty_spill(self) -> None:
+        if len(self.spill):
+            self.store.drop_table(self.spill.name)
+            self.spill = self.store.create_table(f"{self.name}.train-spill", self.width, tags=True)
+
+    # ---------------------------------------------------------------- publish, stats, close
+
+    def publish(self, serving_store: Store, name: str) -> Table:
+        """Checkpoint, then write the weights (no optimizer state) as table ``name`` of ``serving_store``,
+        published atomically: readers of that table switch to it as after ``load_table``."""
+        with self._lock:
+            self.checkpoint()
+            keys, vectors, _ = self.rows_table.export_tagged()
+            weights = np.ascontiguousarray(vectors[:, : self.dim])
+        return serving_store.load_table(name, keys, weights)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since open: hits, misses, evictions, bytes cached, seconds stalled, and more."""
+        with self._lock:
+            out: dict[str, Any] = dict(self._stats)
+            out["rows_cached"] = len(self.cache)
+            out["cache_rows"] = self.cache.capacity
+            out["bytes_cached"] = len(self.cache) * slot_bytes(self.width)
+            out["step"] = self.step
+            out["rows_stored"] = len(self.rows_table)
+            out["waiting_admission"] = len(self._seen)
+        out["seconds_stalled"] = round(float(out["seconds_stalled"]), 6)
+        return out
+
+    def __len__(self) -> int:
+        """Rows stored as of the last checkpoint, plus rows made since."""
+        with self._lock:
+            stored = len(self.rows_table)
+            if not len(self.cache):
+                return stored
+            cached = self.cache.ids[self.cache.used]
+            _, found = self.rows_table.get(cached)
+            return stored + int((~found).sum())
+
+    def close(self, checkpoint: bool = True) -> None:
+        """Checkpoint (unless ``checkpoint=False``: lose what came after the last one) and release the table."""
+        if self._closed:
+            return
+        with contextlib.suppress(queue.Full):
+            self._prefetch_q.put(None, timeout=5)
+        self._prefetcher.join(5)
+        try:
+            if checkpoint:
+                self.checkpoint()
+        finally:
+            with self._lock:
+                self._closed = True
+                self.cache.clear()
+            self._release_trainer_lock()
+
+    def __enter__(self) -> TrainingTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"TrainingTable({self.name!r}, dim={self.dim}, optimizer={self.optimizer!r}, "
+                f"step={self.step}, cache_rows={self.cache.capacity})")
+
+
+def _sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids and each one's gradients summed in float32, in the order they came."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    summed = np.add.reduceat(grads[order], starts, axis=0) if len(ids) else grads[:0]
+    return sorted_ids[starts], summed.astype(np.float32, copy=False)
+
+
+def _last_of_duplicates(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids, and for each the index of its last occurrence."""
+    rev = ids[::-1]
+    uniq, first_in_rev = np.unique(rev, return_index=True)
+    return uniq, len(ids) - 1 - first_in_rev
+
+
+def _sync(table: Table) -> None:
+    """Flush a table file and empty its log: its rows survive a crash from here on."""
+    with table.write_session() as session:
+        session.checkpoint()
