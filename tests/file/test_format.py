@@ -10,6 +10,7 @@ import os
 import signal
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -330,3 +331,152 @@ def test_upgrade_of_a_damaged_old_file_is_a_clear_error(store_path):
         f.write(struct.pack("<Q", 3))
     with pytest.raises(embkv.CorruptTableError, match="checksum"):
         embkv.open(store_path).upgrade_table("t")
+
+
+# ------------------------------------------------------------------ review findings (format 4)
+
+
+@pytest.mark.parametrize("length", [25, 40, 300])
+def test_many_long_string_keys_put_grow_and_load(store, length):
+    keys = [f"{i:0{length}d}" for i in range(3000)]
+    t = store.create_table("t", dim=4, key_type="str")
+    for lo in range(0, 3000, 500):  # growth must size the heap for length words too
+        t.put(keys[lo : lo + 500], np.full((500, 4), lo, dtype=np.float32))
+    assert t.get(keys)[1].all() and check_table(t.path).ok
+    loaded = store.load_table("l", keys, np.ones((3000, 4), dtype=np.float32))
+    assert loaded.get(keys)[1].all() and len(loaded) == 3000
+
+
+def test_a_load_with_duplicate_keys_keeps_the_last_and_leaks_no_row(store):
+    keys = np.array([5, 1, 5, 2, 1, 5])
+    t = store.load_table("t", keys, np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 4), dtype=np.float32))
+    assert t.get([5, 1, 2])[0][:, 0].tolist() == [5, 4, 3]
+    info = t.info()
+    assert info["rows_used"] - info["free_rows"] == info["rows"] == 3
+    s = store.load_table("s", ["a", b"a", "b"], np.arange(3, dtype=np.float32)[:, None] * np.ones((1, 4)))
+    assert s.get(["a", "b"])[0][:, 0].tolist() == [1, 2] and len(s) == 2
+
+
+_KERNEL_OPS = """
+import sys, numpy as np, embkv
+s = embkv.open(sys.argv[1])
+rng = np.random.default_rng(3)
+t = s.create_table("i", 6, dtype="int8", tags=True)
+u = s.create_table("s", 3, dtype="bfloat16", key_type="str")
+for step in range(40):
+    k = rng.integers(0, 400, 30)
+    t.put(k, rng.normal(size=(30, 6)), tags=k.astype(np.uint64) + 1)
+    names = [("x" * int(j % 40)) + str(j) for j in k.tolist()]
+    u.put(names, rng.normal(size=(30, 3)))
+    if step % 5 == 4:
+        t.delete(k[:10])
+        u.delete(names[:10])
+s.close()
+"""
+
+
+def test_the_c_and_numpy_kernels_write_byte_identical_files(tmp_path):
+    import subprocess
+    import sys
+
+    if embkv.KERNEL_BACKEND != "c":
+        pytest.skip("needs the C kernel")
+    folders = {}
+    for kernel in ("c", "numpy"):
+        folder = str(tmp_path / kernel)
+        env = dict(os.environ, EMBKV_KERNEL=kernel if kernel == "numpy" else "")
+        proc = subprocess.run([sys.executable, "-c", _KERNEL_OPS, folder], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        folders[kernel] = folder
+    for name in ("i.ekv", "s.ekv"):
+        a = np.fromfile(os.path.join(folders["c"], name), dtype=np.uint8)
+        b = np.fromfile(os.path.join(folders["numpy"], name), dtype=np.uint8)
+        assert len(a) == len(b)
+        differ = np.flatnonzero(a != b)
+        assert set(differ.tolist()) <= set(range(104, 112)) | set(range(120, 124)), (name, differ[:10])  # stamp, CRC
+
+
+def test_upgrade_refuses_an_old_file_with_damaged_rows(store_path):
+    _legacy(store_path, 2, "str")
+    path = os.path.join(store_path, "t.ekv")
+    with open(path, "rb") as f:
+        head = f.read(128)
+    rows_offset, stride = struct.unpack_from("<Q", head, 88)[0], struct.unpack_from("<I", head, 32)[0]
+    with open(path, "r+b") as f:  # one byte of some row's vector
+        f.seek(rows_offset + 3 * stride + stride - 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(embkv.CorruptTableError, match=r"damaged.*embkv repair"):
+        embkv.open(store_path).upgrade_table("t")
+
+
+def test_upgrade_refuses_an_old_log_from_before_a_reboot(disk_store_path):
+    from embkv.file.wal import WriteAheadLog, boot_id, wal_path
+
+    _legacy(disk_store_path, 2, "int64")
+    path = os.path.join(disk_store_path, "t.ekv")
+    log = WriteAheadLog(wal_path(path), "always", 1.0, durable=True)
+    log.reset(1, 0)  # write_legacy stamps created_ns = 1
+    log.close()
+    with open(wal_path(path), "r+b") as f:  # as if written before the last boot
+        data = bytearray(f.read())
+        at = data.find(boot_id())
+        assert at > 0
+        data[at] ^= 0x01
+        f.seek(0)
+        f.write(bytes(data))
+    with pytest.raises(embkv.StorageError, match="before the last reboot"):
+        embkv.open(disk_store_path).upgrade_table("t")
+
+
+@pytest.mark.parametrize("field", [(64, 1 << 40), (88, 1 << 40), (48, 3)])  # index off, rows off, slot count
+def test_a_damaged_old_header_is_a_corrupt_table_error(store_path, field):
+    _legacy(store_path, 3, "int64", tagged=False)
+    path = os.path.join(store_path, "t.ekv")
+    offset, value = field
+    with open(path, "r+b") as f:
+        head = bytearray(f.read(128))
+        struct.pack_into("<Q", head, offset, value)
+        struct.pack_into("<I", head, 120, zlib.crc32(bytes(head[:120])))
+        f.seek(0)
+        f.write(head)
+    with pytest.raises(embkv.CorruptTableError):
+        embkv.open(store_path).upgrade_table("t")
+
+
+def _small_tmpfs(tmp_path: Any) -> str:
+    import subprocess
+
+    mount = str(tmp_path / "tiny")
+    os.makedirs(mount)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", mount], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    return mount
+
+
+def test_a_full_tmpfs_refuses_the_batch_before_writing_and_forgets_it(tmp_path):
+    import subprocess
+
+    mount = _small_tmpfs(tmp_path)
+    try:
+        s = embkv.open(os.path.join(mount, "store"))
+        t = s.create_table("t", dim=64, capacity=100_000)
+        done = 0
+        with pytest.raises(embkv.StorageError):
+            for lo in range(0, 100_000, 1000):
+                t.put(np.arange(lo, lo + 1000), np.ones((1000, 64), dtype=np.float32))
+                done = lo + 1000
+        try:  # deletes need room on the free-row stack: done, or refused whole
+            deleted = t.delete(np.arange(0, done))
+        except embkv.StorageError:
+            deleted = 0
+        assert len(t) == done - deleted
+        s.close()
+        again = embkv.open(os.path.join(mount, "store"))["t"]
+        assert len(again) == done - deleted and check_table(again.path).ok
+        assert not again.contains([done])[0]  # the refused batch is not replayed
+        again.close()
+    finally:
+        subprocess.run(["umount", "-l", mount], capture_output=True)

@@ -99,6 +99,7 @@ typedef struct {
      * reserves space before it writes (Mapping.reserve), so a batch must fit below these */
     uint64_t row_limit;
     uint64_t heap_limit;
+    uint64_t free_limit; /* entries of the free-row stack reserved */
     uint64_t row_stride;
     uint64_t row_header;
     uint64_t vec_bytes; /* a stored vector */
@@ -130,6 +131,22 @@ static inline uint64_t mix64(uint64_t x)
 
 static inline uint64_t *row_meta(View *v, uint64_t r) { return (uint64_t *)(v->rows + r * v->row_stride); }
 static inline char *row_vec(View *v, uint64_t r) { return v->rows + r * v->row_stride + v->row_header; }
+
+/* the rows and heap bytes written so far: reads stay below them, so a damaged slot or a torn
+ * heap offset never reads the sparse file's unallocated part (a read fault there allocates a
+ * page in tmpfs, and SIGBUSes when it is full). A slot is published with a release store
+ * after the counters moved, so a reader that sees the slot sees them too */
+static inline uint64_t rows_in_use(const View *v)
+{
+    uint64_t used = LOAD_ACQ(&v->ctr[C_ROWS_USED]);
+    return used < v->row_capacity ? used : v->row_capacity;
+}
+
+static inline uint64_t heap_in_use(const View *v)
+{
+    uint64_t used = LOAD_ACQ(&v->ctr[C_HEAP_USED]);
+    return used < v->heap_capacity ? used : v->heap_capacity;
+}
 
 static inline void backoff(uint64_t budget)
 {
@@ -201,6 +218,7 @@ static int View_init(View *self, PyObject *args, PyObject *kwds)
     self->heap_capacity = heap_capacity;
     self->row_limit = row_capacity;
     self->heap_limit = heap_capacity;
+    self->free_limit = row_capacity;
     self->row_stride = row_stride;
     self->row_header = row_header;
     self->vec_bytes = vec_bytes;
@@ -304,12 +322,12 @@ static inline int str_key_equal(const View *v, const uint64_t *meta, uint64_t co
         return code == kl && memcmp(area, kb, kl) == 0;
     if (code != LONG_KEY || memcmp(area, kb, LONG_PREFIX) != 0)
         return 0;
-    uint64_t off, len;
+    uint64_t off, len, heap_used = heap_in_use(v);
     memcpy(&off, area + LONG_PREFIX, 8);
-    if (!check_range(off, 8, v->heap_capacity))
+    if (!check_range(off, 8, heap_used))
         return 0;
     memcpy(&len, v->heap + off, 8);
-    return len == kl && check_range(off + 8, len, v->heap_capacity) &&
+    return len == kl && check_range(off + 8, len, heap_used) &&
            memcmp(v->heap + off + 8 + LONG_PREFIX, kb + LONG_PREFIX, kl - LONG_PREFIX) == 0;
 }
 
@@ -338,7 +356,7 @@ static int find_key(View *v, uint64_t h, uint64_t ikey, const char *kb, uint64_t
             continue;
         }
         uint64_t r = rf - 1;
-        if (r >= v->row_capacity)
+        if (r >= rows_in_use(v))
             return R_CORRUPT;
         uint64_t *meta = row_meta(v, r);
         uint64_t s1 = LOAD_ACQ(&meta[0]);
@@ -543,7 +561,7 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
                     if (rf == SLOT_EMPTY)
                         break;
                     if (rf != SLOT_TOMB && (w >> ROW_BITS) == fp) {
-                        if (rf - 1 < self->row_capacity) {
+                        if (rf - 1 < rows_in_use(self)) {
                             rows[c] = rf - 1;
                             __builtin_prefetch(row_meta(self, rf - 1));
                         }
@@ -560,7 +578,7 @@ static PyObject *do_get(View *self, const int64_t *ikeys, packed_t *pk, strlist_
                     continue;
                 uint64_t *meta = row_meta(self, rows[c]);
                 uint64_t off = LOAD_RLX(&meta[3]); /* a long key's heap offset, after its prefix */
-                if (SEQ_CODE(LOAD_RLX(&meta[0])) == LONG_KEY && off < self->heap_capacity)
+                if (SEQ_CODE(LOAD_RLX(&meta[0])) == LONG_KEY && off < heap_in_use(self))
                     __builtin_prefetch(self->heap + off);
             }
         }
@@ -798,8 +816,11 @@ static int alloc_row(View *v, uint64_t *r)
 static void free_row(View *v, uint64_t r)
 {
     uint64_t nfree = v->ctr[C_FREE];
-    if (nfree >= v->row_capacity)
-        return; /* cannot happen with sane counters; leaking is the safe answer */
+    /* beyond the reserved stack (a fresh version built from keys with duplicates reserves
+     * none) or with insane counters: leaking the row is the safe answer; a recount after a
+     * crash gives leaked rows back */
+    if (nfree >= v->row_capacity || nfree >= v->free_limit)
+        return;
     v->freelist[nfree] = r;
     STORE_REL(&v->ctr[C_FREE], nfree + 1);
 }
@@ -837,12 +858,12 @@ static int row_str_key(const View *v, const uint64_t *meta, const char **kb, uin
         *kl = code;
         return 1;
     }
-    uint64_t off, len;
+    uint64_t off, len, heap_used = heap_in_use(v);
     memcpy(&off, area + LONG_PREFIX, 8);
-    if (code != LONG_KEY || !check_range(off, 8, v->heap_capacity))
+    if (code != LONG_KEY || !check_range(off, 8, heap_used))
         return 0;
     memcpy(&len, v->heap + off, 8);
-    if (len <= INLINE_KEY || !check_range(off + 8, len, v->heap_capacity) ||
+    if (len <= INLINE_KEY || !check_range(off + 8, len, heap_used) ||
         memcmp(v->heap + off + 8, area, LONG_PREFIX) != 0)
         return 0;
     *kb = v->heap + off + 8;
@@ -871,6 +892,8 @@ static PyObject *View_verify_rows(View *self, PyObject *args)
         const char *problem = NULL;
         if (r >= self->row_capacity) {
             problem = "row number outside the row area";
+        } else if (r >= rows_in_use(self)) {
+            problem = "row above the rows-used mark (never written)";
         } else {
             uint64_t *m = row_meta(self, r);
             uint64_t word = LOAD_ACQ(&m[0]);
@@ -917,7 +940,7 @@ static int writer_probe(View *v, uint64_t h, uint64_t ikey, const char *kb, uint
             if (first_tomb == UINT64_MAX)
                 first_tomb = j;
         } else if ((w >> ROW_BITS) == fp) {
-            if (rf - 1 >= v->row_capacity)
+            if (rf - 1 >= rows_in_use(v))
                 return R_CORRUPT;
             uint64_t *m = row_meta(v, rf - 1);
             if (row_holds(v, m, m[0], ikey, kb, kl)) {
@@ -1006,14 +1029,16 @@ static int room_for(View *v, uint64_t n, uint64_t heap_bytes)
     return 1;
 }
 
-/* set_limits(rows, heap_bytes): the rows and heap bytes reserved so far (see View.row_limit) */
+/* set_limits(rows, heap_bytes, free_entries): the rows, heap bytes and free-stack entries
+ * reserved so far (see View.row_limit) */
 static PyObject *View_set_limits(View *self, PyObject *args)
 {
-    unsigned long long rows, heap;
-    if (!PyArg_ParseTuple(args, "KK", &rows, &heap))
+    unsigned long long rows, heap, free_entries;
+    if (!PyArg_ParseTuple(args, "KKK", &rows, &heap, &free_entries))
         return NULL;
     self->row_limit = rows < self->row_capacity ? rows : self->row_capacity;
     self->heap_limit = heap < self->heap_capacity ? heap : self->heap_capacity;
+    self->free_limit = free_entries < self->row_capacity ? free_entries : self->row_capacity;
     Py_RETURN_NONE;
 }
 
@@ -1264,7 +1289,7 @@ static PyObject *View_export_str(View *self, PyObject *args)
         goto out;
     }
     for (uint64_t i = 0; i < n; i++) {
-        if ((uint64_t)rows[i] >= self->row_capacity || !row_str_key(self, row_meta(self, (uint64_t)rows[i]), &kb, &kl)) {
+        if ((uint64_t)rows[i] >= rows_in_use(self) || !row_str_key(self, row_meta(self, (uint64_t)rows[i]), &kb, &kl)) {
             PyErr_Format(CorruptError ? CorruptError : PyExc_ValueError,
                          "row %lld holds a damaged string key: the table file is corrupt", (long long)rows[i]);
             goto out;
@@ -1379,7 +1404,7 @@ static PyMethodDef View_methods[] = {
     {"put_str", (PyCFunction)View_put_str, METH_VARARGS,
      "put_str(hashes, offsets, blob, vectors[, tags]) -> True, or (rows, heap bytes) needed if it does not fit"},
     {"set_limits", (PyCFunction)View_set_limits, METH_VARARGS,
-     "set_limits(rows, heap_bytes): how far puts may take new rows and heap bytes (the space reserved)"},
+     "set_limits(rows, heap_bytes, free_entries): how far writes may go (the space reserved)"},
     {"delete_int", (PyCFunction)View_delete_int, METH_VARARGS, "delete_int(keys) -> number deleted"},
     {"delete_str", (PyCFunction)View_delete_str, METH_VARARGS, "delete_str(hashes, offsets, blob) -> deleted"},
     {"export_str", (PyCFunction)View_export_str, METH_VARARGS, "export_str(rows) -> packed keys of those rows"},

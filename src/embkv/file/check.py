@@ -114,7 +114,7 @@ def _check_mapping(m: Mapping, report: CheckReport) -> None:
     if mismatch.any():
         problems.append(f"{int(mismatch.sum())} row(s) hold a different key than their index slot, "
                         f"e.g. row {int(ok_rows[intact][mismatch][0])}")
-    if lay.key_type == "int64" and len(keys) and len(np.unique(keys)) != len(keys):
+    if _has_duplicate_keys(lay.key_type, keys):
         problems.append("the same key appears in more than one index slot")
     _check_freelist(m, uniq, problems)
     _check_reachable(m, keys, problems)
@@ -139,6 +139,18 @@ def _row_keys(m: Mapping, rows: np.ndarray) -> Any:
     if m.layout.key_type == "int64":
         return row_int_keys(m, rows)
     return m.view.export_str(np.ascontiguousarray(rows))
+
+
+def _has_duplicate_keys(key_type: str, keys: Any) -> bool:
+    if key_type == "int64":
+        return bool(len(keys)) and len(np.unique(keys)) != len(keys)
+    hashes = np.frombuffer(keys[0], dtype=np.uint64)
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    offsets = np.frombuffer(keys[1], dtype=np.uint64).astype(np.int64)
+    blob = bytes(keys[2])
+    shared = np.flatnonzero(counts[inverse] > 1).tolist()  # equal hashes: compare the bytes
+    seen = {blob[offsets[i] : offsets[i + 1]] for i in shared}
+    return len(seen) != len(shared)
 
 
 def _key_hashes(m: Mapping, keys: Any) -> np.ndarray:

@@ -69,7 +69,7 @@ class KernelView(Protocol):
     def delete_int(self, keys: Any) -> int: ...
     def delete_str(self, hashes: Any, offsets: Any, blob: Any) -> int: ...
     def export_str(self, rows: Any) -> tuple[bytes, bytes, bytes]: ...
-    def set_limits(self, rows: int, heap_bytes: int) -> None: ...
+    def set_limits(self, rows: int, heap_bytes: int, free_entries: int) -> None: ...
     def verify_rows(self, rows: Any) -> list[tuple[int, str]]: ...
     def release(self) -> None: ...
 
@@ -161,12 +161,19 @@ class NumpyView:
             np.uint64)
         self.heap = raw[layout.heap_offset : layout.heap_offset + layout.heap_capacity]
         self.slot_count = layout.slot_count
-        self.row_limit = layout.row_capacity  # how far puts may take new rows / heap bytes (reserved space)
+        # how far writes may take new rows, heap bytes and free-stack entries (the space reserved)
+        self.row_limit = layout.row_capacity
         self.heap_limit = layout.heap_capacity
+        self.free_limit = layout.row_capacity
 
-    def set_limits(self, rows: int, heap_bytes: int) -> None:
+    def set_limits(self, rows: int, heap_bytes: int, free_entries: int) -> None:
         self.row_limit = min(rows, self.layout.row_capacity)
         self.heap_limit = min(heap_bytes, self.layout.heap_capacity)
+        self.free_limit = min(free_entries, self.layout.row_capacity)
+
+    def _rows_in_use(self) -> int:
+        """Rows written so far: reads stay below (see rows_in_use in _kernels.c)."""
+        return min(int(self.ctr[Counter.ROWS_USED]), self.layout.row_capacity)
 
     def release(self) -> None:
         for name in ("_raw", "ctr", "slots", "rows", "meta", "vecs", "freelist", "heap"):
@@ -182,7 +189,7 @@ class NumpyView:
         if code <= INLINE_KEY:
             return area[:code]
         off = int.from_bytes(area[LONG_PREFIX:], "little")
-        cap = self.layout.heap_capacity
+        cap = min(int(self.ctr[Counter.HEAP_USED]), self.layout.heap_capacity)
         if code != LONG_KEY or off + 8 > cap:
             return None
         length = int.from_bytes(self.heap[off : off + 8].tobytes(), "little")
@@ -198,7 +205,6 @@ class NumpyView:
         pos = home_slots(hashes, self.slot_count)
         fps = fingerprint(hashes)
         pending = np.arange(n)
-        cap = self.layout.row_capacity
         last = np.uint64(self.slot_count - 1)
 
         def advance(idx: np.ndarray) -> None:
@@ -216,6 +222,7 @@ class NumpyView:
             stay = np.zeros(len(pending), dtype=np.bool_)
             if len(hit_idx):
                 r_u = field[cand] - np.uint64(1)
+                cap = self._rows_in_use()  # read after the slots: it covers every row they name
                 if np.any(r_u >= np.uint64(cap)):
                     raise CorruptTableError("index points outside the row area: the table file is corrupt")
                 r = r_u.astype(np.int64)
@@ -360,7 +367,7 @@ class NumpyView:
                     first_tomb = j
             elif w >> ROW_BITS == fp:
                 r = field - 1
-                if r >= self.layout.row_capacity:
+                if r >= self._rows_in_use():
                     raise CorruptTableError("index points outside the row area")
                 if (int(self.meta[r, 1]) == ikey) if key_bytes is None else (self._row_key(r) == key_bytes):
                     return j, True
@@ -384,7 +391,10 @@ class NumpyView:
         return r
 
     def _free_row(self, r: int) -> None:
-        self.freelist[int(self.ctr[Counter.FREE])] = r
+        nfree = int(self.ctr[Counter.FREE])
+        if nfree >= min(self.free_limit, self.layout.row_capacity):
+            return  # beyond the reserved stack: leak the row, as _kernels.c does
+        self.freelist[nfree] = r
         self.ctr[Counter.FREE] += np.uint64(1)
 
     def _checksum(self, r: int, code: int) -> int:
@@ -406,6 +416,9 @@ class NumpyView:
         for r in np.frombuffer(rows, dtype=np.int64).tolist():
             if not 0 <= r < self.layout.row_capacity:
                 bad.append((r, "row number outside the row area"))
+                continue
+            if r >= self._rows_in_use():
+                bad.append((r, "row above the rows-used mark (never written)"))
                 continue
             word = int(self.meta[r, 0])
             code = (word >> 24) & 0xFF
@@ -522,8 +535,8 @@ class NumpyView:
 
     def export_str(self, rows: Any) -> tuple[bytes, bytes, bytes]:
         r = np.frombuffer(rows, dtype=np.int64)
-        if len(r) and (r.min() < 0 or r.max() >= self.layout.row_capacity):
-            raise CorruptTableError("row outside the row area")
+        if len(r) and (r.min() < 0 or r.max() >= self._rows_in_use()):
+            raise CorruptTableError(f"row {int(r.max())} holds a damaged string key: the table file is corrupt")
         keys = []
         for row in r.tolist():
             kb = self._row_key(row)

@@ -60,6 +60,7 @@ from .publish import (
     temp_path,
     wait_for_flock,
 )
+from .wal import log_from_another_boot, wal_path
 
 __all__ = ["LegacyRows", "file_version", "read_legacy", "upgrade_file", "write_legacy"]
 
@@ -85,6 +86,7 @@ class LegacyRows:
     vectors: np.ndarray  # stored vectors: float rows in their dtype, int8 / bfloat16 rows as raw bytes
     tags: np.ndarray  # u64 per row (0 where untagged)
     dirty: int  # pid of a writer that died inside a batch (0: clean)
+    created_ns: int  # the version's creation stamp (its log is recognized by it)
 
 
 def file_version(path: str) -> int:
@@ -111,7 +113,9 @@ def read_legacy(path: str) -> LegacyRows:
     try:
         return _read(path, mm, size)
     finally:
-        mm.close()
+        # a view of the mapping may still be alive in a traceback: the memory goes with it then
+        with contextlib.suppress(BufferError):
+            mm.close()
 
 
 def _read(path: str, mm: mmap.mmap, size: int) -> LegacyRows:
@@ -124,16 +128,20 @@ def _read(path: str, mm: mmap.mmap, size: int) -> LegacyRows:
     if zlib.crc32(head[: fixed.size]) != struct.unpack_from("<I", head, fixed.size)[0]:
         raise CorruptTableError(f"{path}: header checksum mismatch (the header is damaged)")
     (_, _, _, dim, dtype_code, key_code, row_header, row_stride, slot_count, row_capacity, heap_capacity,
-     index_offset, rows_offset, freelist_offset, heap_offset, file_size, _created) = fields[:17]
+     index_offset, rows_offset, freelist_offset, heap_offset, file_size, created_ns) = fields[:17]
     tagged = version == 2 or bool(fields[17] & 1)
     if dtype_code not in _DTYPE_NAMES or key_code not in _KEY_NAMES or not 0 < dim <= 1 << 16:
         raise CorruptTableError(f"{path}: header fields out of range")
     dtype, key_type = _DTYPE_NAMES[dtype_code], _KEY_NAMES[key_code]
     vec_bytes = stored_bytes(dtype, dim)
     want_header = (16 if key_type == "int64" else 56) + (8 if tagged else 0)
+    sections = [(index_offset, 16 * slot_count), (rows_offset, row_capacity * row_stride),
+                 (freelist_offset, 8 * row_capacity), (heap_offset, heap_capacity)]
     if (row_header != want_header or row_stride < row_header + vec_bytes or row_stride % 8
-            or file_size > size or index_offset + 16 * slot_count > rows_offset
-            or rows_offset + row_capacity * row_stride > freelist_offset or heap_offset + heap_capacity > file_size):
+            or slot_count < 1 or slot_count & (slot_count - 1) or file_size > size
+            or any(start < HEADER_SIZE or start + length > file_size for start, length in sections)
+            or index_offset + 16 * slot_count > rows_offset
+            or rows_offset + row_capacity * row_stride > freelist_offset):
         raise CorruptTableError(f"{path}: header section offsets are inconsistent")
     counters = np.frombuffer(mm, dtype=np.uint64, count=Counter.COUNT, offset=COUNTERS_OFFSET).copy()
     slots = np.frombuffer(mm, dtype=np.uint64, count=2 * slot_count, offset=index_offset).reshape(-1, 2)
@@ -150,17 +158,24 @@ def _read(path: str, mm: mmap.mmap, size: int) -> LegacyRows:
     raw = np.ascontiguousarray(picked[:, row_header : row_header + vec_bytes])
     vectors = raw if dtype in QUANTIZED else raw.view(dtype)
     tags = meta[:, -1].copy() if tagged else np.zeros(len(rows), dtype=np.uint64)
+    damaged = _damaged_rows(picked, meta, row_header + vec_bytes)
     keys: Any
     if key_type == "int64":
         keys = meta[:, 1].view(np.int64).copy()
     else:
         heap = np.frombuffer(mm, dtype=np.uint8, count=heap_capacity, offset=heap_offset)
         keys = []
-        for off, length in meta[:, 2:4].tolist():
-            if off + length > heap_capacity:
-                raise CorruptTableError(f"{path}: a string key lies outside the key heap")
-            keys.append(heap[off : off + length].tobytes())
-    return LegacyRows(version, dim, dtype, key_type, tagged, keys, vectors, tags, int(counters[Counter.DIRTY]))
+        for i, (hashed, off, length) in enumerate(meta[:, 1:4].tolist()):
+            key = heap[off : off + length].tobytes() if off + length <= heap_capacity else None
+            if key is None or xxhash.xxh3_64_intdigest(key) != hashed:
+                damaged.append(int(rows[i]))
+                key = b""
+            keys.append(key)
+    if damaged:
+        raise CorruptTableError(f"{path}: {len(damaged)} row(s) of the old file are damaged (checksum or key bytes), "
+                                f"e.g. row {damaged[0]}; repair it with embkv 0.2 (`embkv repair`) before upgrading")
+    return LegacyRows(version, dim, dtype, key_type, tagged, keys, vectors, tags, int(counters[Counter.DIRTY]),
+                      int(created_ns))
 
 
 def upgrade_file(path: str, name: str, lock_timeout: float, headroom: int = 32) -> bool:
@@ -185,10 +200,11 @@ def upgrade_file(path: str, name: str, lock_timeout: float, headroom: int = 32) 
             raise FormatVersionError(f"{path}: format version {version} cannot be upgraded; export it with "
                                      "the embkv that wrote it and load it again")
         old = read_legacy(path)
-        if old.dirty:
-            raise StorageError(f"table {name!r}: a writer of embkv 0.2 (pid {old.dirty}) died inside a batch; "
-                               "open the table once with embkv 0.2 (it completes the batch from its log), "
-                               "then upgrade")
+        if old.dirty or log_from_another_boot(wal_path(path), old.created_ns):
+            why = (f"a writer of embkv 0.2 (pid {old.dirty}) died inside a batch" if old.dirty
+                   else "its write-ahead log dates from before the last reboot")
+            raise StorageError(f"table {name!r}: {why}; open the table once with embkv 0.2 (it replays the "
+                               "log), then upgrade")
         _publish_upgrade(path, old, headroom)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -227,6 +243,13 @@ def _publish_upgrade(path: str, old: LegacyRows, headroom: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _damaged_rows(picked: np.ndarray, meta: np.ndarray, covered: int) -> list[int]:
+    """Rows whose seq word is odd or whose checksum (xxh3 of everything after it) is wrong."""
+    seq = meta[:, 0].tolist()
+    return [i for i, word in enumerate(seq)
+            if word & 1 or word >> 32 != xxhash.xxh3_64_intdigest(picked[i, 8:covered].tobytes()) & 0xFFFFFFFF]
 
 
 def _align(n: int) -> int:

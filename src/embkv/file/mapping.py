@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CorruptTableError, SchemaError, TableNotFoundError
 from .codec import QUANTIZED
-from .format import COUNTERS_OFFSET, HEADER_SIZE, PAGE, Counter, Layout, check_counters
+from .format import COUNTERS_OFFSET, HEADER_SIZE, INLINE_KEY, PAGE, Counter, Layout, check_counters
 from .kernels import FP_SHIFT, ROW_FIELD, SLOT_EMPTY, SLOT_TOMB, KernelView, make_view
 from .publish import is_memory_path
 
@@ -33,6 +33,7 @@ __all__ = [
     "create_sparse",
     "delete_packed",
     "export_live",
+    "heap_bytes",
     "live_keys",
     "put_packed",
     "row_tags",
@@ -77,7 +78,8 @@ class Mapping:
         check_counters(self.counters, self.layout, where=path)
         self.view: KernelView = make_view(self.mm, writable, self.layout)
         if writable:  # what lies below the counters was written, so is allocated
-            self.view.set_limits(int(self.counters[Counter.ROWS_USED]), int(self.counters[Counter.HEAP_USED]))
+            c = self.counters
+            self.view.set_limits(int(c[Counter.ROWS_USED]), int(c[Counter.HEAP_USED]), int(c[Counter.FREE]))
 
     def close(self) -> None:
         """Drop this process's references; the memory goes when the last in-flight call ends."""
@@ -131,7 +133,8 @@ class Mapping:
             self._reserved[section] = end
             grew = grew or section != "free"
         rows_end = max(self._reserved["rows"] // lay.row_stride, int(c[Counter.ROWS_USED]))
-        self.view.set_limits(rows_end, max(self._reserved["heap"], int(c[Counter.HEAP_USED])))
+        free_end = max(self._reserved["free"] // 8, int(c[Counter.FREE]))
+        self.view.set_limits(rows_end, max(self._reserved["heap"], int(c[Counter.HEAP_USED])), free_end)
         return grew
 
     def allocated_bytes(self) -> int:
@@ -219,12 +222,19 @@ def put_packed(m: Mapping, keys: Any, vectors: Any, tags: Any, *, may_free: bool
     return m.reserve(rows, heap, free_entries) and put() is True
 
 
+def heap_bytes(keys: Any) -> int:
+    """Heap bytes packed string keys take if all are new: a length word and the bytes of each
+    key too long for its row."""
+    lengths = np.diff(np.frombuffer(keys[1], dtype=np.uint64).astype(np.int64))
+    return int((lengths[lengths > INLINE_KEY] + 8).sum())
+
+
 def delete_packed(m: Mapping, keys: Any) -> int:
     """Delete packed keys through the kernel; returns how many were present."""
     if m.layout.key_type == "int64":
-        m.reserve(len(keys))
+        m.reserve(0, free_entries=memoryview(keys).nbytes // 8)
         return m.view.delete_int(keys)
-    m.reserve(len(keys[0]) // 8)
+    m.reserve(0, free_entries=len(keys[0]) // 8)
     return m.view.delete_str(*keys)
 
 
@@ -332,8 +342,8 @@ def row_tags(m: Mapping, rows: np.ndarray) -> np.ndarray:
 def export_live(m: Mapping) -> tuple[Any, np.ndarray, np.ndarray]:
     """Keys (packed for str tables), vectors and tags of every live row. Writer lock held."""
     lay = m.layout
-    _, rows, in_range = slot_rows(m.slots(), lay.row_capacity)
-    if not in_range.all():
+    _, rows, in_range = slot_rows(m.slots(), min(lay.row_capacity, int(m.counters[Counter.ROWS_USED])))
+    if not in_range.all():  # beyond what was written: damage (and a read there would touch a hole)
         raise CorruptTableError(f"{m.path}: index points outside the row area; run `embkv check`")
     rows = np.sort(rows)  # sequential reads of the row area
     vectors = row_vectors(m, rows)
@@ -345,7 +355,7 @@ def export_live(m: Mapping) -> tuple[Any, np.ndarray, np.ndarray]:
 
 def live_keys(m: Mapping) -> Any:
     """Keys of the live rows: int64 array, or packed (hashes, offsets, blob) for a str table."""
-    _, rows, in_range = slot_rows(m.slots(), m.layout.row_capacity)
+    _, rows, in_range = slot_rows(m.slots(), min(m.layout.row_capacity, int(m.counters[Counter.ROWS_USED])))
     rows = np.sort(rows[in_range])
     if m.layout.key_type == "int64":
         return row_int_keys(m, rows)

@@ -24,7 +24,7 @@ from .codec import encode_rows
 from .format import DTYPES, KEY_TYPES, DTypeName, KeyType, Layout
 from .inputs import as_int_keys, as_str_keys, as_tags
 from .legacy import upgrade_file
-from .mapping import Chunk, Progress, build_version, copy_version
+from .mapping import Chunk, Progress, build_version, copy_version, heap_bytes
 from .publish import TABLE_SUFFIX, check_name, is_memory_path, remove_stale_temps, temp_path
 from .table import Table
 from .wal import SYNC_POLICIES, SyncPolicy
@@ -211,13 +211,13 @@ class Store:
         if row_tags is not None and not (existing.tagged if existing is not None else tags):
             raise SchemaError(f"row_tags need a tagged table: load {name!r} with tags=True")
         tag_words = None if row_tags is None else as_tags(row_tags, n)
-        chunks, heap_bytes = _chunks(keys, vectors, key_type, dtype_name, tag_words)
+        chunks, heap_needed = _chunks(keys, vectors, key_type, dtype_name, tag_words)
         # sized to the data: a little headroom for the updates that follow (each takes a fresh row
         # before it frees the old one), not a doubling that the memory would pay for
         cap = max(capacity or 0, n + n // LOAD_HEADROOM, DEFAULT_CAPACITY)
         tagged = existing.tagged if existing is not None else bool(tags)
         layout = Layout.plan(vectors.shape[1], dtype_name, key_type, cap,
-                             heap_capacity=heap_bytes + heap_bytes // LOAD_HEADROOM + 32 * (cap - n),
+                             heap_capacity=heap_needed + heap_needed // LOAD_HEADROOM + 32 * (cap - n),
                              created_ns=time.time_ns(), tagged=tagged)
         if existing is None:
             existing = self.create_table(name, vectors.shape[1], dtype_name, key_type, capacity=16,
@@ -409,6 +409,12 @@ def _infer_key_type(keys: Any) -> KeyType:
 Chunks = Iterator[Chunk]
 
 
+def _last_of_each(keys: list[Any]) -> np.ndarray:
+    """Positions of the last occurrence of each distinct key, in input order."""
+    last = {k: i for i, k in enumerate(keys)}
+    return np.fromiter(sorted(last.values()), dtype=np.int64, count=len(last))
+
+
 def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str,
             tags: np.ndarray | None = None) -> tuple[Chunks, int]:
     """Validate and pack keys up front (so bad input changes nothing), then stream vector chunks."""
@@ -416,6 +422,10 @@ def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str,
     assert key_type in KEY_TYPES
     if key_type == "int64":
         packed_int = as_int_keys(keys)
+        keep = _last_of_each(packed_int.tolist()) if len(np.unique(packed_int)) != n else None
+        if keep is not None:  # duplicates: the last wins, and a fresh version never holds a key twice
+            packed_int, vectors, n = packed_int[keep], vectors[keep], len(keep)
+            tags = None if tags is None else tags[keep]
 
         def gen_int() -> Iterator[Chunk]:
             for lo in range(0, n, LOAD_CHUNK):
@@ -426,7 +436,15 @@ def _chunks(keys: Any, vectors: np.ndarray, key_type: str, dtype: str,
     if isinstance(keys, np.ndarray):
         keys = keys.tolist()
     packed = [as_str_keys(keys[lo : lo + LOAD_CHUNK]) for lo in range(0, n, LOAD_CHUNK)]
-    heap = sum(len(p[2]) for p in packed)
+    hashes = np.concatenate([np.frombuffer(p[0], dtype=np.uint64) for p in packed]) if packed else np.zeros(0)
+    if len(np.unique(hashes)) != n:  # maybe duplicates: the last wins (str and bytes of one key are one key)
+        key_bytes = [p[2][o[i] : o[i + 1]] for p in packed
+                     for o in [np.frombuffer(p[1], dtype=np.uint64).tolist()] for i in range(len(o) - 1)]
+        keep = _last_of_each(key_bytes)
+        keys, vectors, n = [keys[i] for i in keep.tolist()], vectors[keep], len(keep)
+        tags = None if tags is None else tags[keep]
+        packed = [as_str_keys(keys[lo : lo + LOAD_CHUNK]) for lo in range(0, n, LOAD_CHUNK)]
+    heap = sum(heap_bytes(p) for p in packed)
 
     def gen_str() -> Iterator[Chunk]:
         for i, lo in enumerate(range(0, n, LOAD_CHUNK)):

@@ -23,7 +23,7 @@ from .codec import QUANTIZED, decode_rows, encode_rows
 from .format import FORMAT_VERSION, Counter, DTypeName, KeyType
 from .inputs import as_int_keys, as_str_keys, as_tags, as_vectors, default_row, lookup_keys, unpack_str
 from .kernels import KERNEL_BACKEND, KernelView
-from .mapping import Mapping, bytes_per_row, delete_packed, export_live, live_keys, put_packed
+from .mapping import Mapping, bytes_per_row, delete_packed, export_live, heap_bytes, live_keys, put_packed
 from .publish import is_memory_path
 from .wal import DELETE_INT, DELETE_STR, PUT_INT, PUT_STR, SyncPolicy
 from .writer import CurrentVersion, TableWriter, WriteSession
@@ -359,7 +359,7 @@ class Table:
             return put_packed(m, k, vecs, row_tags)
 
         with self.write_session() as session:
-            session.write(kind, n, parts, apply, extra_rows=n, extra_heap=0 if self._int_keys else len(k[2]))
+            session.write(kind, n, parts, apply, extra_rows=n, extra_heap=0 if self._int_keys else heap_bytes(k))
 
     def delete(self, keys: Any) -> int:
         """Remove keys; returns how many were present. Missing keys are ignored."""
@@ -368,6 +368,10 @@ class Table:
         if n == 0:
             return 0
         with self.write_session() as session:
+            try:  # room for the freed rows first: a full disk refuses the delete before it is logged
+                session.mapping.reserve(0, free_entries=n)
+            except OSError as exc:
+                raise StorageError.from_os_error(exc, f"table {self.name!r}: no space for the delete") from exc
             session.log(DELETE_INT, n, [k]) if self._int_keys else session.log(DELETE_STR, n, list(k))
             return delete_packed(session.mapping, k)
 

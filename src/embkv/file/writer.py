@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import CorruptTableError, EmbkvError, SchemaError, StorageError, TableNotFoundError, WriterLockedError
 from .format import Counter, Layout
-from .mapping import Chunk, Mapping, Progress, build_version, export_live
+from .mapping import Chunk, Mapping, Progress, build_version, export_live, heap_bytes
 from .publish import (
     finish_interrupted_publish,
     fsync_dir,
@@ -245,18 +245,29 @@ class TableWriter:
         current log, taken back before growing, so that a batch refused while growing (disk
         full) can never come back in a later recovery.
         """
-        if apply(self.version.get()):
+        if self._apply_or_refuse(apply, logged_at):
             return False
         if logged_at is not None:
             self._log().truncate(logged_at)
         self._rebuild(self.version.get(), extra_rows=extra_rows, extra_heap=extra_heap)  # starts a new log
         m = self.version.get()
-        self._logged(m, kind, count, parts)
-        if not apply(m):
+        mark = self._logged(m, kind, count, parts)
+        if not self._apply_or_refuse(apply, None if logged_at is None else mark):
             if logged_at is None:  # a logged batch that no version can hold: the log is damaged
                 raise CorruptTableError(f"{self.path}: a logged batch does not fit even after growing")
             raise SchemaError("internal: table did not grow enough")
         return True
+
+    def _apply_or_refuse(self, apply: Apply, logged_at: int | None) -> bool:
+        """Apply a batch to the current version. If the file system refuses its space (the file is
+        sparse: a full disk fails the reservation, before anything is written), take the batch
+        back out of the log (unless it came from the log: recovery) and raise :class:`StorageError`."""
+        try:
+            return apply(self.version.get())
+        except OSError as exc:
+            if logged_at is not None:
+                self._log().truncate(logged_at)
+            raise StorageError.from_os_error(exc, f"table {self.name!r}: no space for the batch") from exc
 
     # ---------------------------------------------------------------- versions
 
@@ -273,7 +284,7 @@ class TableWriter:
         keys, vectors, tags = export_live(m)
         heap = 0
         if lay.key_type == "str":
-            heap_needed = len(keys[2]) + extra_heap
+            heap_needed = heap_bytes(keys) + extra_heap
             heap = lay.heap_capacity if heap_needed <= lay.heap_capacity else max(2 * lay.heap_capacity,
                                                                                   heap_needed * 5 // 4)
         new_layout = Layout.plan(lay.dim, lay.dtype, lay.key_type, capacity, heap, time.time_ns(), tagged=lay.tagged)
