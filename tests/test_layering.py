@@ -27,6 +27,7 @@ ALLOWED = {
     "file": {"errors", "interface"},
     "compute": {"errors", "interface", "metrics", "file"},
     "train": {"errors", "interface", "file"},
+    "torch": {"errors", "interface", "file", "train"},
     "testing": {"errors", "interface", "metrics", "file", "compute"},
     "cli": {"errors", "interface", "metrics", "file", "compute", "train", "testing", "__init__"},
     "__init__": {"errors", "interface", "metrics", "file", "compute"},

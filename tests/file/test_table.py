@@ -331,3 +331,20 @@ def test_tags_survive_reopen_and_copy(store, store_path):
     with embkv.open(store_path, readonly=True) as again:
         assert again["t"].get_tagged([1, 2])[2].tolist() == [11, 22]
         assert again["t2"].get_tagged([2, 1])[2].tolist() == [22, 11]
+
+
+def test_read_rows_reads_like_get_through_batched_preads(disk_store_path):
+    s = embkv.open(disk_store_path)
+    t = s.load_table("t", np.arange(0, 20_000, 2), np.arange(10_000 * 8, dtype=np.float32).reshape(-1, 8))
+    keys = np.array([0, 2, 3, 19_998, 4_000, -1, 2])
+    for threads in (1, 3, 64):
+        got, found = t.read_rows(keys, threads)
+        want, want_found = t.get(keys)
+        np.testing.assert_array_equal(found, want_found)
+        np.testing.assert_array_equal(got[found], want[found])
+        assert (got[~found] == 0).all()
+    q = s.load_table("q", np.arange(10), np.ones((10, 4)), dtype="int8")  # other tables: read with get
+    np.testing.assert_array_equal(q.read_rows([3, 11])[1], [True, False])
+    t.release_pages()
+    assert t.get([2])[1][0]  # mapped again on the next access
+    s.close()

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from embkv.train import SGD, Adagrad, Adam, Optimizer
+from embkv.train import SGD, Adagrad, Adam, Optimizer, sum_duplicates
 
 torch = pytest.importorskip("torch")
 
@@ -54,10 +54,8 @@ def test_adagrad_and_adam_match_torch_to_float32_rounding(ours, theirs, kwargs):
 
 
 def test_duplicate_ids_in_a_push_are_summed_first():
-    from embkv.train.table import _sum_duplicates
-
     ids = np.array([3, 1, 3, 3, 2])
     grads = np.arange(5 * DIM, dtype=np.float32).reshape(5, DIM)
-    uniq, summed = _sum_duplicates(ids, grads)
+    uniq, summed = sum_duplicates(ids, grads)
     assert uniq.tolist() == [1, 2, 3]
     np.testing.assert_array_equal(summed, [grads[1], grads[4], grads[0] + grads[2] + grads[3]])

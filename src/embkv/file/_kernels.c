@@ -23,6 +23,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <sched.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 #define XXH_INLINE_ALL
 #include "_vendor/xxhash.h"
@@ -1321,6 +1325,144 @@ out:
     return res;
 }
 
+/* ---------------------------------------------------------------- batched cold reads */
+
+/* read_rows(fd, keys, out, found, threads) -> rows read: the vectors of int keys read with pread(2)
+ * from the table file, spread over `threads` threads, instead of through the mapping one page
+ * fault at a time (and without mapping the pages into the process). The index is probed by
+ * fingerprint only, so no row page is touched before its read; the read row's own sequence
+ * word and key are checked in the buffer. found[i]: 1 read, 0 missing, 2 not settled here (a
+ * fingerprint collision, or a row being written): the caller looks those up the usual way. For
+ * tables whose writer does not run at the same time (a training table's stores); plain float
+ * rows only (the vector is copied as stored). */
+typedef struct {
+    View *v;
+    int fd;
+    const int64_t *keys;
+    const uint64_t *rows;
+    char *out;
+    uint8_t *found;
+    uint64_t lo, hi;
+    uint64_t read;
+    int err;
+} read_job_t;
+
+static void *read_some(void *arg)
+{
+    read_job_t *job = arg;
+    View *v = job->v;
+    char *buf = malloc(v->row_stride);
+    if (!buf) {
+        job->err = ENOMEM;
+        return NULL;
+    }
+    for (uint64_t i = job->lo; i < job->hi; i++) {
+        if (job->rows[i] == UINT64_MAX)
+            continue;
+        off_t at = (off_t)((uint64_t)(v->rows - v->base) + job->rows[i] * v->row_stride);
+        ssize_t got = pread(job->fd, buf, v->row_stride, at);
+        if (got != (ssize_t)v->row_stride) {
+            job->found[i] = 2;
+            continue;
+        }
+        uint64_t seq, key;
+        memcpy(&seq, buf, 8);
+        memcpy(&key, buf + 8, 8);
+        if ((seq & 1) || key != (uint64_t)job->keys[i]) {
+            job->found[i] = 2;
+            continue;
+        }
+        memcpy(job->out + i * v->out_bytes, buf + v->row_header, v->out_bytes);
+        job->found[i] = 1;
+        job->read++;
+    }
+    free(buf);
+    return NULL;
+}
+
+static PyObject *View_read_rows(View *self, PyObject *args)
+{
+    int fd, threads;
+    Py_buffer kb, ob, fb;
+    if (!PyArg_ParseTuple(args, "iy*w*w*i", &fd, &kb, &ob, &fb, &threads))
+        return NULL;
+    PyObject *res = NULL;
+    uint64_t n = (uint64_t)kb.len / 8;
+    uint64_t *rows = NULL;
+    if (require_keys(self, KEY_INT) < 0)
+        goto out;
+    if (self->quant != QUANT_NONE || kb.len % 8 || (uint64_t)ob.len != n * self->out_bytes || (uint64_t)fb.len != n) {
+        PyErr_SetString(PyExc_ValueError, "read_rows: buffers do not match the batch (float rows only)");
+        goto out;
+    }
+    if (threads < 1)
+        threads = 1;
+    if (threads > 64)
+        threads = 64;
+    rows = malloc((n ? n : 1) * sizeof(uint64_t));
+    if (!rows) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    const int64_t *keys = kb.buf;
+    uint8_t *found = fb.buf;
+    uint64_t total = 0;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t used = rows_in_use(self);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t h = mix64((uint64_t)keys[i]), j = home_slot(self, h), fp = FINGERPRINT(h);
+        rows[i] = UINT64_MAX;
+        found[i] = 0;
+        for (uint64_t step = 0; step < self->slot_count; step++) {
+            uint64_t w = LOAD_ACQ(&self->slots[j]), rf = w & ROW_FIELD;
+            if (rf == SLOT_EMPTY)
+                break;
+            if (rf != SLOT_TOMB && (w >> ROW_BITS) == fp) {
+                if (rf - 1 < used)
+                    rows[i] = rf - 1;
+                else
+                    found[i] = 2; /* damaged, or moving: the usual lookup says which */
+                break;
+            }
+            j = next_slot(self, j);
+        }
+    }
+    uint64_t per = (n + (uint64_t)threads - 1) / (uint64_t)threads;
+    read_job_t jobs[64];
+    pthread_t tids[64];
+    int created[64] = {0};
+    for (int t = 0; t < threads; t++) {
+        uint64_t lo = (uint64_t)t * per, hi = lo + per < n ? lo + per : n;
+        jobs[t] = (read_job_t){self, fd, keys, rows, (char *)ob.buf, found, lo < n ? lo : n, hi, 0, 0};
+        if (lo >= hi || t == threads - 1)
+            continue;
+        created[t] = pthread_create(&tids[t], NULL, read_some, &jobs[t]) == 0;
+    }
+    for (int t = 0; t < threads; t++) /* the last slice, or one no thread could take, runs here */
+        if (!created[t] && jobs[t].lo < jobs[t].hi)
+            read_some(&jobs[t]);
+    for (int t = 0; t < threads; t++) {
+        if (created[t])
+            pthread_join(tids[t], NULL);
+        total += jobs[t].read;
+        err = err ? err : jobs[t].err;
+    }
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto out;
+    }
+    res = PyLong_FromUnsignedLongLong(total);
+out:
+    free(rows);
+    PyBuffer_Release(&kb);
+    PyBuffer_Release(&ob);
+    PyBuffer_Release(&fb);
+    return res;
+}
+
 /* ---------------------------------------------------------------- module functions */
 
 /* pack_str(sequence of str/bytes) -> (hashes, offsets, blob); str is hashed as UTF-8 */
@@ -1403,6 +1545,8 @@ static PyMethodDef View_methods[] = {
      "put_int(keys, vectors[, tags]) -> True, or (rows, heap bytes) needed if the batch does not fit"},
     {"put_str", (PyCFunction)View_put_str, METH_VARARGS,
      "put_str(hashes, offsets, blob, vectors[, tags]) -> True, or (rows, heap bytes) needed if it does not fit"},
+    {"read_rows", (PyCFunction)View_read_rows, METH_VARARGS,
+     "read_rows(fd, keys, out, found, threads) -> rows read with pread (found: 1 read, 0 missing, 2 unsettled)"},
     {"set_limits", (PyCFunction)View_set_limits, METH_VARARGS,
      "set_limits(rows, heap_bytes, free_entries): how far writes may go (the space reserved)"},
     {"delete_int", (PyCFunction)View_delete_int, METH_VARARGS, "delete_int(keys) -> number deleted"},

@@ -70,6 +70,8 @@ class KernelView(Protocol):
     def delete_str(self, hashes: Any, offsets: Any, blob: Any) -> int: ...
     def export_str(self, rows: Any) -> tuple[bytes, bytes, bytes]: ...
     def set_limits(self, rows: int, heap_bytes: int, free_entries: int) -> None: ...
+    # rows of int keys by pread(2): found[i] 1 read, 0 missing, 2 left for get (see _kernels.c)
+    def read_rows(self, fd: int, keys: Any, out: Any, found: Any, threads: int) -> int: ...
     def verify_rows(self, rows: Any) -> list[tuple[int, str]]: ...
     def release(self) -> None: ...
 
@@ -170,6 +172,11 @@ class NumpyView:
         self.row_limit = min(rows, self.layout.row_capacity)
         self.heap_limit = min(heap_bytes, self.layout.heap_capacity)
         self.free_limit = min(free_entries, self.layout.row_capacity)
+
+    def read_rows(self, fd: int, keys: Any, out: Any, found: Any, threads: int) -> int:
+        """The fallback leaves every key to ``get`` (found 2): it reads through the mapping."""
+        np.frombuffer(found, dtype=np.uint8)[:] = 2
+        return 0
 
     def _rows_in_use(self) -> int:
         """Rows written so far: reads stay below (see rows_in_use in _kernels.c)."""

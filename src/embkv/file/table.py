@@ -192,6 +192,34 @@ class Table:
             return self.get(k, default)  # re-created with another schema (k: keys already read once)
         return out, found
 
+    def read_rows(self, keys: Any, threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`get` (misses hold zeros), with the rows read by ``pread`` on ``threads``
+        threads instead of through the mapping: cold rows of a disk table come in one batch of
+        parallel reads, not one page fault at a time, and are not mapped into this process (its
+        memory stays what it holds). For int-keyed float tables; rows a writer is rewriting
+        meanwhile, and other tables, are read with :meth:`get`.
+        """
+        m = self._current()
+        k = lookup_keys(keys, self._int_keys)
+        if not (self._int_keys and m.fd is not None and m.layout.dtype not in QUANTIZED):
+            return self.get(k)
+        out = np.zeros((len(k), self.dim), dtype=self.dtype)
+        state = np.empty(len(k), dtype=np.uint8)
+        m.view.read_rows(m.fd, k, out, state, threads)
+        unsettled = np.flatnonzero(state == 2)
+        if len(unsettled):
+            out[unsettled], state[unsettled] = self.get(k[unsettled])
+        return out, state.astype(np.bool_)
+
+    def release_pages(self) -> None:
+        """Drop this process's mapped pages of the file (they stay in the page cache, or in
+        ``/dev/shm``): after a scan or a burst of writes, so the process's memory (RSS) holds
+        only what it uses next. The next access maps what it needs again."""
+        import mmap
+
+        with contextlib.suppress(ValueError, OSError):
+            self._current().mm.madvise(mmap.MADV_DONTNEED)
+
     def get_tagged(self, keys: Any, default: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`get`, plus each row's tag (uint64 ``[B]``; 0 for misses and untagged rows).
 

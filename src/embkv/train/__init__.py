@@ -16,7 +16,7 @@ See :class:`TrainingTable` for staleness, admission and eviction, and checkpoint
 checkpoint guarantees.
 """
 
-from .optimizers import SGD, Adagrad, Adam, Optimizer
+from .optimizers import SGD, Adagrad, Adam, Optimizer, sum_duplicates
 from .table import TrainingTable
 
-__all__ = ["SGD", "Adagrad", "Adam", "Optimizer", "TrainingTable"]
+__all__ = ["SGD", "Adagrad", "Adam", "Optimizer", "TrainingTable", "sum_duplicates"]

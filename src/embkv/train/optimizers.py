@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import SchemaError
 
-__all__ = ["SGD", "Adagrad", "Adam", "Optimizer", "optimizer_from_config"]
+__all__ = ["SGD", "Adagrad", "Adam", "Optimizer", "optimizer_from_config", "sum_duplicates"]
 
 F32 = np.float32
 
@@ -153,3 +153,13 @@ def optimizer_from_config(config: dict[str, Any]) -> Optimizer:
     if "betas" in fields:
         fields["betas"] = tuple(fields["betas"])
     return cls(**fields)
+
+
+def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids (sorted) and each one's gradients summed in float32, in the order they came:
+    what a push applies, as a coalesced sparse gradient would be."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    summed = np.add.reduceat(grads[order], starts, axis=0) if len(ids) else grads[:0]
+    return sorted_ids[starts], summed.astype(np.float32, copy=False)

@@ -32,13 +32,14 @@ from .cache import HotCache, slot_bytes
 from .checkpoint import TrainRecord, load_counters, record_path, remove_counters_except, save_counters
 from .idmap import make_idmap
 from .init import initial_vectors
-from .optimizers import Optimizer, optimizer_from_config
+from .optimizers import Optimizer, optimizer_from_config, sum_duplicates
 
 __all__ = ["TrainingTable"]
 
 CHUNK = 65536  # rows per store call when a checkpoint writes or merges
 EVICT_FRACTION = 16  # evict at least 1/16 of the cache at a time
 STALENESS_WAIT = 60.0  # seconds a blocking pull waits for outstanding pushes
+READ_THREADS = 8  # parallel preads when cold rows load (a disk keeps several in flight)
 MAX_SEEN = 1 << 30  # ids the admission counters can follow before they refuse more
 SEEN_START = 1 << 12  # the counters' map starts this big and doubles as it fills
 
@@ -103,6 +104,7 @@ class TrainingTable:
                        "not_admitted": 0, "evictions": 0, "written_back": 0, "prefetched": 0,
                        "skipped_rows": 0, "seconds_stalled": 0.0, "checkpoints": 0}
         self._generation = 0  # bumped by evictions and checkpoints: a prefetch that spans one is dropped
+        self._written_since_release = 0
         self._prefetch_q: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=4)
         self._prefetch_idle = threading.Event()
         self._prefetch_idle.set()
@@ -195,11 +197,16 @@ class TrainingTable:
         return rows
 
     def _read_stored(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of ``ids`` from the spill table, else the checkpointed rows: (rows, found)."""
-        rows, found = self.spill.get(ids)
+        """Rows of ``ids`` from the spill table, else the checkpointed rows: (rows, found).
+
+        Read with batched ``pread`` (``Table.read_rows``), not through the mappings: cold rows
+        come from disk in parallel, and this process's memory holds the cache, not the pages read.
+        """
+        rows, found = (self.spill.read_rows(ids, READ_THREADS) if len(self.spill)
+                       else (np.zeros((len(ids), self.width), dtype=np.float32), np.zeros(len(ids), dtype=np.bool_)))
         if not found.all():
             missing = np.flatnonzero(~found)
-            more, found_more = self.rows_table.get(ids[missing])
+            more, found_more = self.rows_table.read_rows(ids[missing], READ_THREADS)
             rows[missing[found_more]] = more[found_more]
             found[missing[found_more]] = True
         return rows, found
@@ -226,6 +233,10 @@ class TrainingTable:
         self._stats["evictions"] += len(victims)
         self._stats["written_back"] += len(dirty)
         self._generation += 1
+        self._written_since_release += len(dirty)
+        if self._written_since_release * self.width * 4 > cache.capacity * self.width:  # a quarter of the cache
+            self.spill.release_pages()  # written rows leave this process's memory (not the file)
+            self._written_since_release = 0
 
     def _load(self, ids: np.ndarray, protect: np.ndarray, *, count_seen: bool) -> tuple[np.ndarray, np.ndarray]:
         """Bring distinct uncached ``ids`` into the cache. Returns (slots, admitted): ids not admitted
@@ -315,10 +326,28 @@ class TrainingTable:
                 rows[~admitted] = initial_vectors(uniq[~admitted], self.dim, self.record.init_std, self.record.seed)
             self._stats["pulls"] += 1
         if nxt is not None and len(nxt):
-            self._prefetch_idle.clear()
-            self._prefetch_q.put(nxt)
+            self.prefetch(nxt)
         result: np.ndarray = rows[inverse]
         return result
+
+    def prefetch(self, ids: Any) -> None:
+        """Have the background thread load the rows of ``ids`` into the cache (a hint: returns at once)."""
+        ids = self._ids(ids)
+        self._require_open()
+        if len(ids):
+            self._prefetch_idle.clear()
+            self._prefetch_q.put(ids)
+
+    def release(self, ids: Any) -> None:
+        """End the pulls of ``ids`` without an update (rows pulled for evaluation, or a batch
+        dropped), so the staleness bound does not wait for pushes that never come."""
+        ids = self._ids(ids)
+        with self._lock:
+            self._require_open()
+            slots = self.cache.locate(np.unique(ids))
+            s = slots[slots >= 0]
+            self.cache.pins[s] = np.maximum(self.cache.pins[s] - 1, 0)
+            self._cond.notify_all()
 
     def _wait_for_staleness(self, uniq: np.ndarray, block: bool) -> None:
         deadline = time.monotonic() + STALENESS_WAIT
@@ -358,7 +387,7 @@ class TrainingTable:
             self._stats["skipped_rows"] += int((~finite).sum())
             if not len(ids):
                 return
-            uniq, summed = _sum_duplicates(ids, grads)
+            uniq, summed = sum_duplicates(ids, grads)
             slots, admitted = self._locate_or_load(uniq, count_seen=False)
             s = slots[admitted]
             self.step += 1
@@ -512,6 +541,7 @@ class TrainingTable:
         if n and self.record.step > n:
             self._evict_untouched(self.record.step - n)
         _sync(self.rows_table)
+        self.rows_table.release_pages()  # the merge (and any eviction scan) mapped them: let them go
         self._empty_spill()
         self.record.merging = False
         self.record.save(self._record_path, self._durable)
@@ -595,15 +625,6 @@ class TrainingTable:
     def __repr__(self) -> str:
         return (f"TrainingTable({self.name!r}, dim={self.dim}, optimizer={self.optimizer!r}, "
                 f"step={self.step}, cache_rows={self.cache.capacity})")
-
-
-def _sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct ids and each one's gradients summed in float32, in the order they came."""
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-    summed = np.add.reduceat(grads[order], starts, axis=0) if len(ids) else grads[:0]
-    return sorted_ids[starts], summed.astype(np.float32, copy=False)
 
 
 def _last_of_duplicates(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
