@@ -211,20 +211,34 @@ class TrainingTable:
             found[missing[found_more]] = True
         return rows, found
 
-    def _make_room(self, count: int, protect: np.ndarray) -> None:
-        """Evict until ``count`` slots are free, writing dirty victims to the spill table."""
+    def _make_room(self, count: int, protect: np.ndarray, *, wait: bool = True) -> bool:
+        """Evict until ``count`` slots are free, writing dirty victims to the spill table.
+
+        Rows pinned by outstanding pulls cannot go: if they block the room, wait for pushes on
+        other threads to unpin them (a pipelined trainer), up to ``STALENESS_WAIT``.
+        """
         cache = self.cache
         if cache.free >= count:
-            return
-        want = max(count - cache.free, cache.capacity // EVICT_FRACTION)
-        victims = cache.victims(want, protect)
-        if cache.free + len(victims) < count:
+            return True
+        deadline = time.monotonic() + STALENESS_WAIT
+        while True:
+            want = max(count - cache.free, cache.capacity // EVICT_FRACTION)
+            victims = cache.victims(want, protect)
+            if cache.free + len(victims) >= count:
+                break
             pinned = int((cache.pins > 0).sum())
             need = (count + pinned) * slot_bytes(self.width)
-            raise SchemaError(
-                f"training table {self.name!r}: cache_bytes holds {cache.capacity:,} rows, but this batch needs "
-                f"{count:,} new ones beside {pinned:,} pinned by outstanding pulls: give it at least {need:,} "
-                "bytes (or push before pulling more)")
+            ours = int((cache.pins[protect[protect >= 0]] > 0).sum())  # this batch's rows, pinned already
+            if not wait:
+                return False
+            if count > cache.capacity - ours or time.monotonic() > deadline:
+                raise SchemaError(
+                    f"training table {self.name!r}: cache_bytes holds {cache.capacity:,} rows, but this batch needs "
+                    f"{count:,} new ones beside {pinned:,} pinned by outstanding pulls: give it at least {need:,} "
+                    "bytes (or push before pulling more)")
+            t0 = time.perf_counter()
+            self._cond.wait(0.05)  # a push elsewhere unpins rows
+            self._stats["seconds_stalled"] += time.perf_counter() - t0
         dirty = victims[cache.dirty[victims]]
         for start in range(0, len(dirty), CHUNK):
             part = dirty[start : start + CHUNK]
@@ -237,6 +251,7 @@ class TrainingTable:
         if self._written_since_release * self.width * 4 > cache.capacity * self.width:  # a quarter of the cache
             self.spill.release_pages()  # written rows leave this process's memory (not the file)
             self._written_since_release = 0
+        return True
 
     def _load(self, ids: np.ndarray, protect: np.ndarray, *, count_seen: bool) -> tuple[np.ndarray, np.ndarray]:
         """Bring distinct uncached ``ids`` into the cache. Returns (slots, admitted): ids not admitted
@@ -258,6 +273,11 @@ class TrainingTable:
         take = np.flatnonzero(admitted)
         self._make_room(len(take), protect)
         slots = np.full(len(ids), -1, dtype=np.int64)
+        # making room may have waited with the lock released: the prefetch thread may have loaded
+        # some of these meanwhile (clean rows, as read here): keep its slots, insert the rest
+        now = self.cache.locate(ids[take])
+        slots[take[now >= 0]] = now[now >= 0]
+        take = take[now < 0]
         slots[take] = self.cache.insert(ids[take], rows[take], self.step, dirty=~found[take])
         return slots, admitted
 
@@ -287,8 +307,13 @@ class TrainingTable:
         self._seen.insert(np.ascontiguousarray(ids), np.ascontiguousarray(counts, dtype=np.int64))
 
     def _locate_or_load(self, uniq: np.ndarray, *, count_seen: bool) -> tuple[np.ndarray, np.ndarray]:
-        slots = self.cache.locate(uniq)
+        """Slots of ``uniq`` (loading the misses) and which are admitted; every returned slot has
+        one more pin, taken before the misses load: making room may wait (the lock released),
+        and the rows found first must not be evicted meanwhile. The caller keeps or drops it."""
+        cache = self.cache
+        slots = cache.locate(uniq)
         hit = slots >= 0
+        cache.pins[slots[hit]] += 1
         self._stats["hits"] += int(hit.sum())
         admitted = hit.copy()
         if not hit.all():
@@ -297,6 +322,7 @@ class TrainingTable:
             t0 = time.perf_counter()
             got, ok = self._load(uniq[miss], slots, count_seen=count_seen)
             self._stats["seconds_stalled"] += time.perf_counter() - t0
+            cache.pins[got[ok]] += 1
             slots[miss] = got
             admitted[miss] = ok
         return slots, admitted
@@ -316,9 +342,8 @@ class TrainingTable:
             self._require_open()
             uniq, inverse = np.unique(ids, return_inverse=True)
             self._wait_for_staleness(uniq, block)
-            slots, admitted = self._locate_or_load(uniq, count_seen=True)
+            slots, admitted = self._locate_or_load(uniq, count_seen=True)  # pinned until their push
             cached = slots[admitted]
-            self.cache.pins[cached] += 1
             self.cache.last[cached] = self.step
             rows = np.empty((len(uniq), self.dim), dtype=np.float32)
             rows[admitted] = self.cache.data[cached, : self.dim]
@@ -390,6 +415,7 @@ class TrainingTable:
             uniq, summed = sum_duplicates(ids, grads)
             slots, admitted = self._locate_or_load(uniq, count_seen=False)
             s = slots[admitted]
+            self.cache.pins[s] -= 1  # the pin _locate_or_load took; the pull's goes below
             self.step += 1
             weights = self.cache.data[s, : self.dim]
             state = self.cache.data[s, self.dim :]
@@ -495,12 +521,12 @@ class TrainingTable:
             take = np.flatnonzero(found & still)
             if not len(take):
                 return
-            free = self.cache.free
-            if free < len(take):
-                self._make_room(len(take), np.zeros(0, dtype=np.int64))
-                if self._generation != generation + 1:
+            if self.cache.free < len(take):
+                # a hint never waits for room: take what evicting unpinned rows gives, drop the rest
+                victims = self.cache.victims(len(take) - self.cache.free, np.zeros(0, dtype=np.int64))
+                take = take[: self.cache.free + len(victims)]
+                if not len(take) or not self._make_room(len(take), np.zeros(0, dtype=np.int64), wait=False):
                     return
-                generation = self._generation
             self.cache.insert(missing[take], rows[take], self.step, dirty=False)
             self._stats["prefetched"] += len(take)
 
