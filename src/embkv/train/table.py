@@ -14,10 +14,8 @@ and drops it while it reads rows. One process at a time may train a table (an ``
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-import queue
 import threading
 import time
 from typing import Any
@@ -33,6 +31,7 @@ from .checkpoint import TrainRecord, load_counters, record_path, remove_counters
 from .idmap import make_idmap
 from .init import initial_vectors
 from .optimizers import Optimizer, optimizer_from_config, sum_duplicates
+from .prefetch import Prefetcher
 
 __all__ = ["TrainingTable"]
 
@@ -105,11 +104,7 @@ class TrainingTable:
                        "skipped_rows": 0, "seconds_stalled": 0.0, "checkpoints": 0}
         self._generation = 0  # bumped by evictions and checkpoints: a prefetch that spans one is dropped
         self._written_since_release = 0
-        self._prefetch_q: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=4)
-        self._prefetch_idle = threading.Event()
-        self._prefetch_idle.set()
-        self._prefetcher = threading.Thread(target=self._prefetch_loop, name=f"embkv-prefetch-{name}", daemon=True)
-        self._prefetcher.start()
+        self._prefetcher = Prefetcher(self._prefetch, name=f"embkv-prefetch-{name}")
 
     # ---------------------------------------------------------------- open and the process lock
 
@@ -360,8 +355,7 @@ class TrainingTable:
         ids = self._ids(ids)
         self._require_open()
         if len(ids):
-            self._prefetch_idle.clear()
-            self._prefetch_q.put(ids)
+            self._prefetcher.submit(ids)
 
     def release(self, ids: Any) -> None:
         """End the pulls of ``ids`` without an update (rows pulled for evaluation, or a batch
@@ -491,19 +485,6 @@ class TrainingTable:
 
     # ---------------------------------------------------------------- prefetch
 
-    def _prefetch_loop(self) -> None:
-        while True:
-            ids = self._prefetch_q.get()
-            if ids is None:
-                return
-            try:
-                self._prefetch(ids)
-            except Exception:  # a hint only: the pull loads what is missing itself
-                pass
-            finally:
-                if self._prefetch_q.empty():
-                    self._prefetch_idle.set()
-
     def _prefetch(self, ids: np.ndarray) -> None:
         uniq = np.unique(ids)
         with self._lock:
@@ -532,7 +513,7 @@ class TrainingTable:
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
         """Wait until the prefetch thread has loaded every ``next_ids`` given so far."""
-        return self._prefetch_idle.wait(timeout)
+        return self._prefetcher.wait(timeout)
 
     # ---------------------------------------------------------------- checkpoint
 
@@ -630,9 +611,7 @@ class TrainingTable:
         """Checkpoint (unless ``checkpoint=False``: lose what came after the last one) and release the table."""
         if self._closed:
             return
-        with contextlib.suppress(queue.Full):
-            self._prefetch_q.put(None, timeout=5)
-        self._prefetcher.join(5)
+        self._prefetcher.stop()
         try:
             if checkpoint:
                 self.checkpoint()
