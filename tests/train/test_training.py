@@ -309,3 +309,52 @@ def test_push_rows_with_state_then_pull_state(store):
         assert len(table) == 2
     finally:
         table.close()
+
+
+def _on_first_wait(table: TrainingTable, action: Any) -> None:
+    """Run ``action`` (what another thread does) the first time ``table`` waits with its lock released."""
+    real, done = table._cond.wait, [False]
+
+    def wait(timeout: float | None = None) -> bool:
+        if not done[0]:
+            done[0] = True
+            action()
+            return True
+        return real(timeout)
+
+    table._cond.wait = wait  # type: ignore[method-assign]
+
+
+def test_a_pull_that_waits_for_room_reads_the_rows_after_the_wait(store):
+    """Regression (review of the first training tables): the rows were read before making room
+    waited, so an update another thread made meanwhile was overwritten by the stale copy."""
+    table = TrainingTable(store, "t", 4, SGD(lr=1.0), cache_bytes=20 * slot_bytes(4))
+    try:
+        held, x = np.arange(20), np.array([500])
+        table.pull(held)  # another pipeline stage holds every slot
+        init = table.get(x)[0].copy()
+
+        def other_thread() -> None:
+            table.push(held, np.zeros((20, 4), dtype=np.float32))
+            table.pull(x)
+            table.push(x, np.ones((1, 4), dtype=np.float32))
+            table.pull(np.arange(1000, 1019))  # x leaves the cache, dirty, for the spill table
+            table.push(np.arange(1000, 1019), np.zeros((19, 4), dtype=np.float32))
+
+        _on_first_wait(table, other_thread)
+        np.testing.assert_array_equal(table.pull(x), init - 1)
+        assert (table.cache.ids[table.cache.used] == 500).sum() == 1
+    finally:
+        table.close(checkpoint=False)
+
+
+def test_a_failed_pull_leaves_no_pins(store):
+    table = TrainingTable(store, "t", 4, SGD(), cache_bytes=20 * slot_bytes(4))
+    try:
+        table.pull(np.arange(10))
+        table.push(np.arange(10), np.zeros((10, 4), dtype=np.float32))
+        with pytest.raises(embkv.SchemaError, match="at least"):
+            table.pull(np.arange(40))  # 10 cached, 30 more do not fit
+        table.pull(np.arange(10), block=False)  # not pinned by the failed pull
+    finally:
+        table.close(checkpoint=False)

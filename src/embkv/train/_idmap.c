@@ -78,6 +78,15 @@ static int get_i64(PyObject *o, Py_buffer *b, int writable, const char *what)
     return 0;
 }
 
+static int require_init(const IdMap *m)
+{
+    if (!m->slots) {
+        PyErr_SetString(PyExc_ValueError, "IdMap was not initialized");
+        return -1;
+    }
+    return 0;
+}
+
 static inline uint64_t find(const IdMap *m, int64_t key)
 {
     uint64_t j = mix64((uint64_t)key) & m->mask;
@@ -91,7 +100,7 @@ static PyObject *IdMap_lookup(IdMap *self, PyObject *args)
 {
     PyObject *k_o, *o_o;
     Py_buffer kb, ob;
-    if (!PyArg_ParseTuple(args, "OO", &k_o, &o_o) || get_i64(k_o, &kb, 0, "keys") < 0)
+    if (require_init(self) < 0 || !PyArg_ParseTuple(args, "OO", &k_o, &o_o) || get_i64(k_o, &kb, 0, "keys") < 0)
         return NULL;
     if (get_i64(o_o, &ob, 1, "out") < 0) {
         PyBuffer_Release(&kb);
@@ -125,7 +134,7 @@ static PyObject *IdMap_insert(IdMap *self, PyObject *args)
 {
     PyObject *k_o, *v_o;
     Py_buffer kb, vb;
-    if (!PyArg_ParseTuple(args, "OO", &k_o, &v_o) || get_i64(k_o, &kb, 0, "keys") < 0)
+    if (require_init(self) < 0 || !PyArg_ParseTuple(args, "OO", &k_o, &v_o) || get_i64(k_o, &kb, 0, "keys") < 0)
         return NULL;
     if (get_i64(v_o, &vb, 0, "values") < 0) {
         PyBuffer_Release(&kb);
@@ -144,10 +153,19 @@ static PyObject *IdMap_insert(IdMap *self, PyObject *args)
             goto out;
         }
     }
+    if (self->count + n > self->max_items) { /* it may not fit: all or nothing */
+        uint64_t fresh = 0;
+        for (uint64_t i = 0; i < n; i++)
+            fresh += self->slots[find(self, keys[i])].val < 0;
+        if (self->count + fresh > self->max_items) {
+            PyErr_SetString(PyExc_OverflowError, "IdMap is full");
+            goto out;
+        }
+    }
     for (uint64_t i = 0; i < n; i++) {
         uint64_t j = find(self, keys[i]);
         if (self->slots[j].val < 0) {
-            if (self->count >= self->max_items) {
+            if (self->count >= self->max_items) { /* duplicates counted twice above: cannot happen */
                 PyErr_SetString(PyExc_OverflowError, "IdMap is full");
                 goto out;
             }
@@ -168,7 +186,7 @@ static PyObject *IdMap_remove(IdMap *self, PyObject *args)
 {
     PyObject *k_o;
     Py_buffer kb;
-    if (!PyArg_ParseTuple(args, "O", &k_o) || get_i64(k_o, &kb, 0, "keys") < 0)
+    if (require_init(self) < 0 || !PyArg_ParseTuple(args, "O", &k_o) || get_i64(k_o, &kb, 0, "keys") < 0)
         return NULL;
     uint64_t n = (uint64_t)kb.len / 8, removed = 0;
     const int64_t *keys = kb.buf;
@@ -200,6 +218,8 @@ static PyObject *IdMap_remove(IdMap *self, PyObject *args)
 
 static PyObject *IdMap_clear(IdMap *self, PyObject *Py_UNUSED(ignored))
 {
+    if (require_init(self) < 0)
+        return NULL;
     memset(self->slots, 0xFF, (self->mask + 1) * sizeof(entry_t));
     self->count = 0;
     Py_RETURN_NONE;
@@ -208,6 +228,8 @@ static PyObject *IdMap_clear(IdMap *self, PyObject *Py_UNUSED(ignored))
 /* items() -> (keys, values) as bytes of int64, in slot order */
 static PyObject *IdMap_items(IdMap *self, PyObject *Py_UNUSED(ignored))
 {
+    if (require_init(self) < 0)
+        return NULL;
     PyObject *keys = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(8 * self->count));
     PyObject *vals = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(8 * self->count));
     if (!keys || !vals) {

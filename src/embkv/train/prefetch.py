@@ -23,22 +23,29 @@ class Prefetcher:
     def __init__(self, load: Callable[[np.ndarray], None], name: str, depth: int = 4) -> None:
         self._load = load
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=depth)
-        self._idle = threading.Event()
-        self._idle.set()
+        self._pending = 0  # batches submitted and not yet loaded (or dropped)
+        self._done = threading.Condition()
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, ids: np.ndarray) -> None:
-        self._idle.clear()
+        with self._done:
+            if self._stopped:
+                return  # a hint after close: nothing to do
+            self._pending += 1
         self._queue.put(ids)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until every batch submitted so far was loaded (or dropped)."""
-        return self._idle.wait(timeout)
+        with self._done:
+            return self._done.wait_for(lambda: self._pending == 0, timeout)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._done:
+            self._stopped = True
         with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
+            self._queue.put(None, timeout=timeout)  # behind what is queued: the thread drains it first
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -51,5 +58,6 @@ class Prefetcher:
             except Exception:  # a hint only: the pull loads what is missing itself
                 pass
             finally:
-                if self._queue.empty():
-                    self._idle.set()
+                with self._done:
+                    self._pending -= 1
+                    self._done.notify_all()

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import KeyTypeError, SchemaError, StalenessError, TableClosedError, WriterLockedError
+from ..errors import SchemaError, StalenessError, TableClosedError, WriterLockedError
 from ..file.publish import check_name, is_memory_path
 from ..file.store import Store
 from ..file.table import Table
@@ -30,6 +30,7 @@ from .cache import HotCache, slot_bytes
 from .checkpoint import TrainRecord, load_counters, record_path, remove_counters_except, save_counters
 from .idmap import make_idmap
 from .init import initial_vectors
+from .inputs import as_ids, as_rows, last_of_duplicates
 from .optimizers import Optimizer, optimizer_from_config, sum_duplicates
 from .prefetch import Prefetcher
 
@@ -61,7 +62,7 @@ class TrainingTable:
     the bound waits for the pushes (or raises :class:`StalenessError` with ``block=False``).
     ``admit_after=k``: an id gets a stored row only once ``pull`` has seen it in k calls;
     before that it reads its initial vector and its gradients are dropped. ``evict_after_steps=n``:
-    rows no pull or push touched in the last n steps are deleted at the next checkpoint. The
+    rows no push touched in the last n steps are deleted at the next checkpoint. The
     table is created if missing and otherwise reopened as last checkpointed; reopening with
     another ``dim`` or another kind of optimizer raises :class:`SchemaError` naming both (the
     optimizer's settings, such as its learning rate, may change between runs).
@@ -145,7 +146,8 @@ class TrainingTable:
             record.init_std, record.seed = float(init_std), seed  # the caller's choice for rows still unseen
             record.admit_after, record.evict_after_steps = admit_after, evict_after_steps
             self.rows_table = self.store[f"{self.name}.train"]
-            self.spill = self.store[f"{self.name}.train-spill"]
+            # a crash while the spill table was emptied (dropped, not yet made again) leaves none
+            self.spill = self.store.create_table(f"{self.name}.train-spill", self.width, tags=True, exist_ok=True)
         self.record = record
         ids, counts = load_counters(folder, self.name, record.epoch)
         self._seen = make_idmap(SEEN_START)
@@ -161,23 +163,10 @@ class TrainingTable:
     # ---------------------------------------------------------------- inputs
 
     def _ids(self, ids: Any) -> np.ndarray:
-        arr = np.asarray(ids)
-        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-            raise KeyTypeError(f"training table {self.name!r}: ids must be integers, got dtype {arr.dtype}")
-        if arr.ndim != 1:
-            raise KeyTypeError(f"training table {self.name!r}: ids must be one-dimensional, got shape {arr.shape}")
-        if arr.dtype == np.uint64 and len(arr) and arr.max() > np.iinfo(np.int64).max:
-            raise KeyTypeError(f"training table {self.name!r}: ids must fit in int64")
-        return np.ascontiguousarray(arr, dtype=np.int64)
+        return as_ids(ids, self.name)
 
     def _rows(self, values: Any, n: int, width: int, what: str) -> np.ndarray:
-        try:
-            arr = np.asarray(values, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise SchemaError(f"training table {self.name!r}: {what} must be numbers ({exc})") from None
-        if arr.shape != (n, width):
-            raise SchemaError(f"training table {self.name!r}: {what} must have shape ({n}, {width}), got {arr.shape}")
-        return arr
+        return as_rows(values, n, width, what, self.name)
 
     def _require_open(self) -> None:
         if self._closed:
@@ -206,7 +195,7 @@ class TrainingTable:
             found[missing[found_more]] = True
         return rows, found
 
-    def _make_room(self, count: int, protect: np.ndarray, *, wait: bool = True) -> bool:
+    def _make_room(self, count: int, protect: np.ndarray, *, wait: bool = True, bulk: bool = True) -> bool:
         """Evict until ``count`` slots are free, writing dirty victims to the spill table.
 
         Rows pinned by outstanding pulls cannot go: if they block the room, wait for pushes on
@@ -217,7 +206,7 @@ class TrainingTable:
             return True
         deadline = time.monotonic() + STALENESS_WAIT
         while True:
-            want = max(count - cache.free, cache.capacity // EVICT_FRACTION)
+            want = max(count - cache.free, cache.capacity // EVICT_FRACTION if bulk else 0)
             victims = cache.victims(want, protect)
             if cache.free + len(victims) >= count:
                 break
@@ -226,7 +215,10 @@ class TrainingTable:
             ours = int((cache.pins[protect[protect >= 0]] > 0).sum())  # this batch's rows, pinned already
             if not wait:
                 return False
-            if count > cache.capacity - ours or time.monotonic() > deadline:
+            if time.monotonic() > deadline and count <= cache.capacity - ours:
+                raise StalenessError(f"training table {self.name!r}: waited {STALENESS_WAIT:.0f}s for pushes to unpin "
+                                     f"rows: {pinned:,} of {cache.capacity:,} cached rows are pulled and not pushed")
+            if count > cache.capacity - ours:
                 raise SchemaError(
                     f"training table {self.name!r}: cache_bytes holds {cache.capacity:,} rows, but this batch needs "
                     f"{count:,} new ones beside {pinned:,} pinned by outstanding pulls: give it at least {need:,} "
@@ -250,30 +242,28 @@ class TrainingTable:
 
     def _load(self, ids: np.ndarray, protect: np.ndarray, *, count_seen: bool) -> tuple[np.ndarray, np.ndarray]:
         """Bring distinct uncached ``ids`` into the cache. Returns (slots, admitted): ids not admitted
-        yet get slot -1 (their initial vector is read, nothing is stored)."""
-        rows, found = self._read_stored(ids)
-        admitted = found.copy()
+        yet get slot -1 (their initial vector is read, nothing is stored).
+
+        Room is made first, because making room may wait with the lock released: everything read
+        after it is current, and ids another thread cached meanwhile keep that thread's slot."""
+        self._make_room(len(ids), protect)
+        slots = self.cache.locate(ids)
+        todo = np.flatnonzero(slots < 0)
+        admitted = slots >= 0
+        rows, found = self._read_stored(ids[todo])
+        ok = found.copy()
         fresh = np.flatnonzero(~found)
         if len(fresh):
-            if self.record.admit_after > 1:
-                admitted[fresh] = self._admit(ids[fresh], count_seen)
-            else:
-                admitted[fresh] = True
-            new = fresh[admitted[fresh]]
-            rows[new] = self._initial_rows(ids[new])
+            ok[fresh] = self._admit(ids[todo[fresh]], count_seen) if self.record.admit_after > 1 else True
+            new = fresh[ok[fresh]]
+            rows[new] = self._initial_rows(ids[todo[new]])
             self._stats["initialized"] += len(new)
             if count_seen:  # a pull's sighting (a push of a row not admitted is just dropped)
-                self._stats["not_admitted"] += int((~admitted[fresh]).sum())
+                self._stats["not_admitted"] += int((~ok[fresh]).sum())
         self._stats["loaded"] += int(found.sum())
-        take = np.flatnonzero(admitted)
-        self._make_room(len(take), protect)
-        slots = np.full(len(ids), -1, dtype=np.int64)
-        # making room may have waited with the lock released: the prefetch thread may have loaded
-        # some of these meanwhile (clean rows, as read here): keep its slots, insert the rest
-        now = self.cache.locate(ids[take])
-        slots[take[now >= 0]] = now[now >= 0]
-        take = take[now < 0]
-        slots[take] = self.cache.insert(ids[take], rows[take], self.step, dirty=~found[take])
+        take = np.flatnonzero(ok)
+        slots[todo[take]] = self.cache.insert(ids[todo[take]], rows[take], self.step, dirty=~found[take])
+        admitted[todo] = ok
         return slots, admitted
 
     def _admit(self, ids: np.ndarray, count_seen: bool) -> np.ndarray:
@@ -315,7 +305,11 @@ class TrainingTable:
             miss = np.flatnonzero(~hit)
             self._stats["misses"] += len(miss)
             t0 = time.perf_counter()
-            got, ok = self._load(uniq[miss], slots, count_seen=count_seen)
+            try:
+                got, ok = self._load(uniq[miss], slots, count_seen=count_seen)
+            except BaseException:
+                cache.pins[slots[hit]] -= 1  # the call fails whole: its pins go too
+                raise
             self._stats["seconds_stalled"] += time.perf_counter() - t0
             cache.pins[got[ok]] += 1
             slots[miss] = got
@@ -433,13 +427,21 @@ class TrainingTable:
               else self._rows(state, len(ids), self.state_dim, "state"))
         with self._lock:
             self._require_open()
-            uniq, last = _last_of_duplicates(ids)
-            slots = self.cache.locate(uniq)
+            uniq, last = last_of_duplicates(ids)
+            cache = self.cache
+            slots = cache.locate(uniq)
+            hit = slots[slots >= 0]
+            cache.pins[hit] += 1  # making room may wait (the lock released): these must stay
+            try:
+                if (slots < 0).any():
+                    self._make_room(int((slots < 0).sum()), slots)
+            finally:
+                cache.pins[hit] -= 1
+            slots = cache.locate(uniq)  # another thread may have cached some meanwhile
             missing = np.flatnonzero(slots < 0)
             if len(missing):
-                self._make_room(len(missing), slots)
-                slots[missing] = self.cache.insert(uniq[missing], np.zeros((len(missing), self.width), np.float32),
-                                                   self.step, dirty=True)
+                slots[missing] = cache.insert(uniq[missing], np.zeros((len(missing), self.width), np.float32),
+                                              self.step, dirty=True)
                 if self.record.admit_after > 1:
                     self._seen.remove(uniq[missing])
             self.cache.data[slots, : self.dim] = rows[last]
@@ -506,7 +508,8 @@ class TrainingTable:
                 # a hint never waits for room: take what evicting unpinned rows gives, drop the rest
                 victims = self.cache.victims(len(take) - self.cache.free, np.zeros(0, dtype=np.int64))
                 take = take[: self.cache.free + len(victims)]
-                if not len(take) or not self._make_room(len(take), np.zeros(0, dtype=np.int64), wait=False):
+                if not len(take) or not self._make_room(len(take), np.zeros(0, dtype=np.int64), wait=False,
+                                                        bulk=False):
                     return
             self.cache.insert(missing[take], rows[take], self.step, dirty=False)
             self._stats["prefetched"] += len(take)
@@ -555,16 +558,17 @@ class TrainingTable:
         remove_counters_except(self.store.path, self.name, self.record.epoch)
 
     def _evict_untouched(self, before_step: int) -> None:
+        """Delete the stored rows no push touched since ``before_step`` (their tag says when).
+
+        The stored tags alone decide, so a merge redone after a crash deletes the same rows;
+        cached copies of them go too, unless pinned by an outstanding pull (pushed later, such
+        a row is stored again as new)."""
         keys, _, tags = self.rows_table.export_tagged()
         old = keys[tags < np.uint64(before_step)]
-        if hasattr(self, "cache"):  # rows touched since the checkpoint stay
+        if hasattr(self, "cache"):
             slots = self.cache.locate(old)
-            cached = slots >= 0
-            recent = np.zeros(len(old), dtype=np.bool_)
-            recent[cached] = self.cache.last[slots[cached]] >= before_step
-            gone = slots[cached & ~recent]
-            self.cache.remove(gone[self.cache.pins[gone] == 0])
-            old = old[~recent]
+            gone = slots[slots >= 0]
+            self.cache.remove(gone[(self.cache.pins[gone] == 0) & ~self.cache.dirty[gone]])
         for start in range(0, len(old), CHUNK):
             self.rows_table.delete(old[start : start + CHUNK])
 
@@ -630,13 +634,6 @@ class TrainingTable:
     def __repr__(self) -> str:
         return (f"TrainingTable({self.name!r}, dim={self.dim}, optimizer={self.optimizer!r}, "
                 f"step={self.step}, cache_rows={self.cache.capacity})")
-
-
-def _last_of_duplicates(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct ids, and for each the index of its last occurrence."""
-    rev = ids[::-1]
-    uniq, first_in_rev = np.unique(rev, return_index=True)
-    return uniq, len(ids) - 1 - first_in_rev
 
 
 def _sync(table: Table) -> None:
