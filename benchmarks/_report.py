@@ -217,6 +217,16 @@ def pyplot() -> Any:
     return plt
 
 
+def write_report(text: str, out: str | None, quick: bool, default: Path, log: Callable[[str], None]) -> None:
+    """Print a report, and write it to ``out`` (None: ``default``, except in quick mode; '-': nowhere)."""
+    print(text)
+    target = out if out is not None else (None if quick else str(default))
+    if target and target != "-":
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text)
+        log(f"wrote {target}")
+
+
 def save_figure(fig: Any, path: Path, rect: tuple[float, float, float, float] | None = None) -> None:
     """Lay ``fig`` out (tight, within ``rect``), write it as a 110 dpi PNG and close it."""
     fig.tight_layout(rect=rect)

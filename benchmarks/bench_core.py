@@ -47,7 +47,7 @@ from _common import (
     zipf_cdf,
     zipf_ranks,
 )
-from _report import Target, command_item, fmt_2f, git_describe, machine_lines, report_head, thp
+from _report import Target, command_item, fmt_2f, git_describe, machine_lines, report_head, thp, write_report
 
 log = make_log("bench_core")
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "core.md"
@@ -526,12 +526,7 @@ def run(args: argparse.Namespace) -> int:
 
     text, ok = report(args, lats, mem, loads, check, file_bytes, str_file_bytes, pages,
                       time.perf_counter() - start)
-    print(text)
-    out = args.out if args.out is not None else (None if args.quick else str(DEFAULT_OUT))
-    if out and out != "-":
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-        log(f"wrote {out}")
+    write_report(text, args.out, args.quick, DEFAULT_OUT, log)
     return 0 if ok else 1
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import embkv
 from _common import REPO, FloatArray, IntArray, make_log, random_table, scratch, str_key
 from _peers import decimal_names, load_lmdb, load_redis, row_bytes
-from _report import Target, command_item, fmt_2f, git_describe, machine_lines, report_head
+from _report import Target, command_item, fmt_2f, git_describe, machine_lines, report_head, write_report
 from _servers import start_redis
 from embkv.file.legacy import write_legacy
 
@@ -307,11 +307,7 @@ def run(args: argparse.Namespace) -> int:
             rec = recall(store, matrix, args.queries, args.seed)
         store.close()
     text = report(args, sizes, speed, rec, time.perf_counter() - t0)
-    print(text)
-    out = args.out if args.out is not None else (None if args.quick else str(DEFAULT_OUT))
-    if out and out != "-":
-        Path(out).write_text(text)
-        log(f"wrote {out}")
+    write_report(text, args.out, args.quick, DEFAULT_OUT, log)
     return 0
 
 

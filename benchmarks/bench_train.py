@@ -34,7 +34,7 @@ import psutil
 
 import embkv
 from _common import REPO, make_log, scratch, zipf_cdf, zipf_ranks
-from _report import Target, command_item, fmt_2f, git_describe, machine_lines, report_head
+from _report import Target, command_item, fmt_2f, git_describe, machine_lines, report_head, write_report
 from embkv.train import Adagrad, TrainingTable, sum_duplicates
 from embkv.train.cache import slot_bytes
 from embkv.train.init import initial_vectors
@@ -407,11 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def finish(args: argparse.Namespace, results: dict[str, tuple[float, int]], curves: dict[str, list[float]],
            extra: dict[str, Any], table_bytes: int, t_start: float) -> int:
     text = report(args, results, curves, extra, table_bytes, time.perf_counter() - t_start)
-    print(text)
-    out = args.out if args.out is not None else (None if args.quick else str(DEFAULT_OUT))
-    if out and out != "-":
-        Path(out).write_text(text)
-        log(f"wrote {out}")
+    write_report(text, args.out, args.quick, DEFAULT_OUT, log)
     return 0
 
 
