@@ -87,8 +87,8 @@ def train(args: argparse.Namespace, store: embkv.Store) -> tuple[list[float], fl
         losses.append(total / split)
         print(f"epoch {epoch + 1}: mean logistic loss {losses[-1]:.4f}", file=sys.stderr)
     held_u, held_i, held_y = users[split:], items[split:], liked[split:]
-    pu, _ = user_table.get(held_u)
-    qi, _ = item_table.get(held_i)
+    pu = user_table.weights(held_u)
+    qi = item_table.weights(held_i)
     return losses, auc(np.einsum("ij,ij->i", pu, qi), held_y), user_table, item_table
 
 

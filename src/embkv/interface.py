@@ -1,7 +1,8 @@
 """The one table interface: what every kind of embkv table serves and takes by key.
 
-The file table (:class:`embkv.Table`) implements it today; the tiers, versioned readers,
-training tables and the remote client implement it too, and every implementation runs the
+The file table (:class:`embkv.Table`) and the training table (:class:`embkv.train.TrainingTable`)
+implement it today; the tiers, versioned readers and the remote client will implement it too,
+and every implementation runs the
 same conformance suite, :class:`embkv.testing.BackendTests`. Code written against
 :class:`EmbeddingTable` works with any of them; what a kind cannot do is said by its
 :class:`Capabilities`, not discovered by catching errors.

@@ -53,8 +53,7 @@ class _TableModule(torch.nn.Module):
     def _rows(self, flat: np.ndarray) -> torch.Tensor:
         """Rows of ``flat`` ids as a leaf tensor whose gradient goes to the table."""
         if not (self.training and torch.is_grad_enabled()):
-            weights, _ = self.table.get(flat)
-            return torch.from_numpy(weights)
+            return torch.from_numpy(self.table.weights(flat))
         rows = torch.from_numpy(self.table.pull(flat)).requires_grad_(True)
         if self.push_on_backward:
             rows.register_hook(lambda grad, ids=flat: self._push(ids, grad))  # type: ignore[no-untyped-call]

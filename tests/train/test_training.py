@@ -80,7 +80,7 @@ def test_training_through_a_small_cache_equals_training_in_memory(store, optimiz
         if prefetch:
             assert stats["prefetched"] > 0
         every = np.arange(n)
-        weights, _ = table.get(every)
+        weights = table.weights(every)
         np.testing.assert_array_equal(weights, ref.weights)
         np.testing.assert_array_equal(table.pull_state(every), ref.state)
     finally:
@@ -96,10 +96,10 @@ def test_reopen_gives_the_checkpointed_rows_state_and_step(store):
     again = TrainingTable(store, "t", DIM, opt, cache_bytes=1 << 20)
     try:
         assert again.step == 50
-        np.testing.assert_array_equal(again.get(np.arange(n))[0], ref.weights)
+        np.testing.assert_array_equal(again.weights(np.arange(n)), ref.weights)
         np.testing.assert_array_equal(again.pull_state(np.arange(n)), ref.state)
         _train(again, _batches(n, 10, 32, seed=7), ref)  # Adam's bias correction goes on from step 50
-        np.testing.assert_array_equal(again.get(np.arange(n))[0], ref.weights)
+        np.testing.assert_array_equal(again.weights(np.arange(n)), ref.weights)
     finally:
         again.close()
 
@@ -111,13 +111,13 @@ def _killed_trainer(path: str, opt: Optimizer, n: int, die_in_merge: bool) -> No
     batches = _batches(n, 60, 32)
     _train(table, batches[:30])
     if die_in_merge:  # the checkpoint commits, then the process dies before its merge is done
-        import embkv.train.table as module
+        import embkv.train.stored as module
 
-        def dying_merge(self: Any) -> None:
-            self.rows_table.put(np.arange(3), np.zeros((3, self.width), dtype=np.float32))  # half of a merge
+        def dying_merge(self: Any, evict_before_step: int) -> None:
+            self.rows.put(np.arange(3), np.zeros((3, self.width), dtype=np.float32))  # half of a merge
             os.kill(os.getpid(), signal.SIGKILL)
 
-        module.TrainingTable._merge = dying_merge  # type: ignore[method-assign]
+        module.StoredRows.merge = dying_merge  # type: ignore[method-assign]
     table.checkpoint()
     _train(table, batches[30:])
     assert table.stats()["written_back"] > 0
@@ -136,7 +136,7 @@ def test_a_killed_trainer_reopens_at_its_last_checkpoint(disk_store_path, die_in
     table = TrainingTable(store, "t", DIM, opt)
     try:
         assert table.step == 30
-        np.testing.assert_array_equal(table.get(np.arange(n))[0], ref.weights)
+        np.testing.assert_array_equal(table.weights(np.arange(n)), ref.weights)
         np.testing.assert_array_equal(table.pull_state(np.arange(n)), ref.state)
         assert len(store["t.train-spill"]) == 0
         assert check_table(store["t.train"].path).ok
@@ -333,7 +333,7 @@ def test_a_pull_that_waits_for_room_reads_the_rows_after_the_wait(store):
     try:
         held, x = np.arange(20), np.array([500])
         table.pull(held)  # another pipeline stage holds every slot
-        init = table.get(x)[0].copy()
+        init = table.weights(x)
 
         def other_thread() -> None:
             table.push(held, np.zeros((20, 4), dtype=np.float32))

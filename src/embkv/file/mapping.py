@@ -23,6 +23,8 @@ from .format import COUNTERS_OFFSET, HEADER_SIZE, INLINE_KEY, PAGE, Counter, Lay
 from .kernels import FP_SHIFT, ROW_FIELD, SLOT_EMPTY, SLOT_TOMB, KernelView, make_view
 from .publish import is_memory_path
 
+SCAN_BYTES = 32 << 20  # a key scan drops the pages it read every this many bytes (see row_int_keys)
+
 __all__ = [
     "Chunk",
     "Mapping",
@@ -80,6 +82,17 @@ class Mapping:
         if writable:  # what lies below the counters was written, so is allocated
             c = self.counters
             self.view.set_limits(int(c[Counter.ROWS_USED]), int(c[Counter.HEAP_USED]), int(c[Counter.FREE]))
+
+    def advise_random(self) -> None:
+        """Tell the kernel this process reads and writes the file at random: no readahead for
+        ``pread`` on its descriptor, none for faults on its mapping. Before the file's pages are
+        in the page cache this also keeps them small: large folios (ext4 makes them on Linux
+        >= 6.x) are mapped whole on a fault, so one touched row would map up to 2 MiB."""
+        with contextlib.suppress(ValueError, OSError):
+            self.mm.madvise(mmap.MADV_RANDOM)
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
     def close(self) -> None:
         """Drop this process's references; the memory goes when the last in-flight call ends."""
@@ -316,8 +329,33 @@ def slot_fingerprints(slots: np.ndarray) -> np.ndarray:
 
 
 def row_int_keys(m: Mapping, rows: np.ndarray) -> np.ndarray:
-    """The int64 key each of ``rows`` holds (the word after its sequence word), copied."""
-    return np.ascontiguousarray(m.rows()[rows, 8:16]).view(np.int64).reshape(-1)
+    """The int64 key each of ``rows`` (sorted) holds (the word after its sequence word), copied.
+
+    A scan of a big table reads every page of its rows: it drops the pages it read from this
+    process every ``SCAN_BYTES`` (they stay in the page cache or ``/dev/shm``), so listing the
+    keys of a table larger than memory does not map all of it (a trainer's memory bound)."""
+    lay = m.layout
+    every = m.rows()
+    step = max(1, SCAN_BYTES // lay.row_stride)
+    out = np.empty(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        out[start : start + len(part)] = np.ascontiguousarray(every[part, 8:16]).view(np.int64).reshape(-1)
+        if len(rows) > step:
+            drop_pages(m, lay.rows_offset + int(part[0]) * lay.row_stride,
+                       lay.rows_offset + (int(part[-1]) + 1) * lay.row_stride)
+    return out
+
+
+def drop_pages(m: Mapping, start: int, end: int) -> None:
+    """Drop this process's mapped pages of bytes ``start..end`` of the file (MADV_DONTNEED on a
+    shared file mapping only unmaps them: the data stays in the file and the page cache)."""
+    page = mmap.PAGESIZE
+    lo = start // page * page
+    hi = min(len(m.mm), -(-end // page) * page)
+    if hi > lo:
+        with contextlib.suppress(ValueError, OSError):
+            m.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def row_vectors(m: Mapping, rows: np.ndarray) -> np.ndarray:
@@ -355,8 +393,11 @@ def export_live(m: Mapping) -> tuple[Any, np.ndarray, np.ndarray]:
 
 def live_keys(m: Mapping) -> Any:
     """Keys of the live rows: int64 array, or packed (hashes, offsets, blob) for a str table."""
-    _, rows, in_range = slot_rows(m.slots(), min(m.layout.row_capacity, int(m.counters[Counter.ROWS_USED])))
+    lay = m.layout
+    _, rows, in_range = slot_rows(m.slots(), min(lay.row_capacity, int(m.counters[Counter.ROWS_USED])))
     rows = np.sort(rows[in_range])
+    if lay.slot_count * 8 > SCAN_BYTES:  # the whole index was read: let it go too
+        drop_pages(m, lay.index_offset, lay.index_offset + lay.slot_count * 8)
     if m.layout.key_type == "int64":
         return row_int_keys(m, rows)
     return m.view.export_str(rows)

@@ -220,6 +220,14 @@ class Table:
         with contextlib.suppress(ValueError, OSError):
             self._current().mm.madvise(mmap.MADV_DONTNEED)
 
+    def advise_random(self) -> None:
+        """Declare that this process uses the table at random, larger than its memory: the kernel
+        then reads ahead nothing for :meth:`read_rows` and maps only the pages a call touches
+        (with :meth:`release_pages` after bursts, what a training table does to bound its RSS).
+        Applies to this process's mapping of every later version too."""
+        self._version.random_access = True
+        self._current().advise_random()
+
     def get_tagged(self, keys: Any, default: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`get`, plus each row's tag (uint64 ``[B]``; 0 for misses and untagged rows).
 

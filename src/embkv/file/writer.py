@@ -53,6 +53,7 @@ class CurrentVersion:
         self.writable = writable
         self._on_switch = weakref.WeakMethod(on_switch)
         self.mapping: Mapping | None = None
+        self.random_access = False  # Table.advise_random: every mapping of it gets Mapping.advise_random
         self.switch()
 
     def get(self) -> Mapping:
@@ -66,6 +67,8 @@ class CurrentVersion:
     def switch(self) -> Mapping:
         """Map the file now at the path and let the old mapping go (when its last call ends)."""
         m = Mapping(self.path, writable=self.writable)
+        if self.random_access:
+            m.advise_random()
         old, self.mapping = self.mapping, m
         adopt = self._on_switch()
         if adopt is not None:

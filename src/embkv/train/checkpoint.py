@@ -75,6 +75,11 @@ class TrainRecord:
         except TypeError as exc:
             raise CorruptTableError(f"{path}: training record fields are wrong ({exc})") from None
 
+    def with_settings(self, other: TrainRecord) -> TrainRecord:
+        """This record's progress (step, epoch, merging) with ``other``'s settings: a trainer's
+        optimizer settings, init and admission may change each time it opens the table."""
+        return dataclasses.replace(other, step=self.step, epoch=self.epoch, merging=self.merging)
+
     def save(self, path: str, durable: bool) -> None:
         """Replace the record atomically: readers see the old one or the new one, whole."""
         tmp = f"{path}.{os.getpid()}.tmp"

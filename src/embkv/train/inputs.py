@@ -1,4 +1,8 @@
-"""What callers hand a training table, checked: ids, rows of floats, and duplicates among ids."""
+"""What callers hand a training table, checked: ids, rows of floats, and duplicates among ids.
+
+The checks are the file tables' (``embkv.file.inputs``), so a training table takes and refuses
+the same keys and vectors as any :class:`embkv.EmbeddingTable`; errors name the training table.
+"""
 
 from __future__ import annotations
 
@@ -7,31 +11,29 @@ from typing import Any
 import numpy as np
 
 from ..errors import KeyTypeError, SchemaError
+from ..file.inputs import as_int_keys, as_vectors
 
 __all__ = ["as_ids", "as_rows", "last_of_duplicates"]
 
 
 def as_ids(ids: Any, table: str) -> np.ndarray:
-    """``ids`` as a contiguous int64 array; :class:`KeyTypeError` for floats, bools, 2-D or too large."""
-    arr = np.asarray(ids)
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise KeyTypeError(f"training table {table!r}: ids must be integers, got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise KeyTypeError(f"training table {table!r}: ids must be one-dimensional, got shape {arr.shape}")
-    if arr.dtype == np.uint64 and len(arr) and arr.max() > np.iinfo(np.int64).max:
-        raise KeyTypeError(f"training table {table!r}: ids must fit in int64")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    """``ids`` as a contiguous int64 array (a scalar is one id); :class:`KeyTypeError` for
+    strings, floats, bools, 2-D arrays or values beyond int64."""
+    if type(ids) is np.ndarray and ids.dtype == np.int64 and ids.ndim == 1 and ids.flags.c_contiguous:
+        return ids  # the hot path: a batch of int64 ids as a data loader gives them
+    try:
+        return as_int_keys(ids)
+    except KeyTypeError as exc:
+        raise KeyTypeError(f"training table {table!r}: ids: {exc}") from None
 
 
 def as_rows(values: Any, n: int, width: int, what: str, table: str) -> np.ndarray:
-    """``values`` as float32 ``[n, width]``; :class:`SchemaError` otherwise."""
+    """``values`` as float32 ``[n, width]`` (one 1-D row for one id); :class:`SchemaError` otherwise."""
     try:
-        arr = np.asarray(values, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise SchemaError(f"training table {table!r}: {what} must be numbers ({exc})") from None
-    if arr.shape != (n, width):
-        raise SchemaError(f"training table {table!r}: {what} must have shape ({n}, {width}), got {arr.shape}")
-    return arr
+        arr = as_vectors(values, n, width)
+    except SchemaError as exc:
+        raise SchemaError(f"training table {table!r}: {what}: {exc}") from None
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def last_of_duplicates(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

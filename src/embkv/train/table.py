@@ -1,50 +1,51 @@
 """``TrainingTable``: an embedding table to train, larger than memory, on the files embkv serves from.
 
-Rows live in an embkv table of the store (``<name>.train``: weights and optimizer state side by
-side); a hot-row cache of ``cache_bytes`` holds the rows in use, in process memory, and writes
-dirty ones back when it evicts them. ``pull`` returns rows (loading misses in one batched
-call, or having had a background thread load them from ``next_ids``), ``push`` runs the
-optimizer on the summed gradient of each row, ``checkpoint`` makes everything durable
-(checkpoint.py explains the protocol), ``publish`` writes the weights as a serving table.
+Rows live in embkv tables of the store (stored.py: the last checkpoint's rows and a spill of
+what came since, weights and optimizer state side by side); a hot-row cache of
+``cache_bytes`` holds the rows in use, in process memory, and writes dirty ones back when it
+evicts them. ``pull`` returns rows (loading misses in one batched call, or having had a
+background thread load them from ``next_ids``), ``push`` runs the optimizer on the summed
+gradient of each row, ``checkpoint`` makes everything durable (checkpoint.py explains the
+protocol), ``publish`` writes the weights as a serving table. A training table is also an
+:class:`embkv.EmbeddingTable` (``get``/``put``/``delete``/``keys``/``export`` on its weights).
 
 Thread safety: every public method takes the table's lock; the prefetch thread takes it too,
-and drops it while it reads rows. One process at a time may train a table (an ``flock`` on
-``<name>.train.lock``); a second gets :class:`WriterLockedError`.
+and drops it while it reads rows. Processes: one sole trainer, or several opened with
+``shared=True`` (locks.py); see :class:`TrainingTable` for what shared trainers may expect.
+Do not use a table in a process forked from its trainer: open it again there.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import SchemaError, StalenessError, TableClosedError, WriterLockedError
+from ..errors import SchemaError, StalenessError, TableClosedError
 from ..file.publish import check_name, is_memory_path
 from ..file.store import Store
 from ..file.table import Table
+from ..interface import Capabilities
+from .admission import AdmissionCounters
 from .cache import HotCache, slot_bytes
 from .checkpoint import TrainRecord, load_counters, record_path, remove_counters_except, save_counters
-from .idmap import make_idmap
 from .init import initial_vectors
 from .inputs import as_ids, as_rows, last_of_duplicates
+from .locks import TrainerLocks
 from .optimizers import Optimizer, optimizer_from_config, sum_duplicates
 from .prefetch import Prefetcher
+from .stored import CHUNK, StoredRows
+from .view import WeightsView
 
 __all__ = ["TrainingTable"]
 
-CHUNK = 65536  # rows per store call when a checkpoint writes or merges
 EVICT_FRACTION = 16  # evict at least 1/16 of the cache at a time
 STALENESS_WAIT = 60.0  # seconds a blocking pull waits for outstanding pushes
-READ_THREADS = 8  # parallel preads when cold rows load (a disk keeps several in flight)
-MAX_SEEN = 1 << 30  # ids the admission counters can follow before they refuse more
-SEEN_START = 1 << 12  # the counters' map starts this big and doubles as it fills
 
 
-class TrainingTable:
+class TrainingTable(WeightsView):
     """An embedding table trained in place: pull rows, push gradients, checkpoint, publish.
 
     Example::
@@ -66,11 +67,35 @@ class TrainingTable:
     table is created if missing and otherwise reopened as last checkpointed; reopening with
     another ``dim`` or another kind of optimizer raises :class:`SchemaError` naming both (the
     optimizer's settings, such as its learning rate, may change between runs).
+
+    ``shared=True``: several trainer processes of this host train the table together, each
+    opened with ``shared=True`` (a sole trainer and shared ones refuse each other with
+    :class:`WriterLockedError`). What they may expect: every push reads the current row,
+    applies its update and writes it back under a lock the trainers take in turn, so no update
+    is lost or half applied and every push has its own step; a pull returns the rows as the
+    last push of any trainer left them (a gradient may so be applied to a row another trainer
+    changed after the pull: asynchronous SGD); the staleness bound counts the pulls of each
+    process; a checkpoint by any trainer makes every trainer's pushes durable, and reopening
+    after all of them stopped gives the last checkpoint. Shared trainers write every push
+    through to the spill table, so the page cache, shared by all of them, caches the rows and
+    ``cache_bytes`` bounds only the pulled rows each holds; admission (``admit_after``) needs a
+    sole trainer. A trainer killed mid-checkpoint leaves its merge to the next checkpoint or
+    open, which then also keeps the pushes made meanwhile.
+
+    As an :class:`embkv.EmbeddingTable`: int64 keys, float32 weights (without optimizer
+    state); a row exists once pulled (and admitted) or put; ``put`` is ``push_rows`` and refuses
+    NaN and inf; ``delete`` takes effect in the cache at once and in the files at the next
+    checkpoint; writes are durable from the next checkpoint (``capabilities.durable`` is
+    False); ``len`` and ``keys`` scan the stored keys.
     """
+
+    dtype = np.dtype(np.float32)
+    key_type: Literal["int64", "str"] = "int64"
+    capabilities = Capabilities(writable=True, durable=False, tagged=False, shared_across_processes=False)
 
     def __init__(self, store: Store, name: str, dim: int, optimizer: Optimizer, *, cache_bytes: int = 256 << 20,
                  init_std: float = 0.01, seed: int = 0, staleness: int = 0, admit_after: int = 0,
-                 evict_after_steps: int = 0) -> None:
+                 evict_after_steps: int = 0, shared: bool = False) -> None:
         check_name(name)
         if not isinstance(optimizer, Optimizer):
             raise SchemaError(f"optimizer must be embkv.train.SGD, Adagrad or Adam, got {optimizer!r}")
@@ -82,6 +107,8 @@ class TrainingTable:
             raise SchemaError(f"dim must be in 1..65536, got {dim}")
         if not (isinstance(init_std, (int, float)) and np.isfinite(init_std) and init_std >= 0):
             raise SchemaError(f"init_std must be finite and >= 0, got {init_std!r}")
+        if shared and admit_after > 1:
+            raise SchemaError("admit_after needs a sole trainer: its counters live in one process (shared=False)")
         self.store = store
         self.name = name
         self.dim = int(dim)
@@ -89,41 +116,23 @@ class TrainingTable:
         self.state_dim = optimizer.state_dim(self.dim)
         self.width = self.dim + self.state_dim
         self.staleness = int(staleness)
+        self.shared = bool(shared)
         self._durable = not is_memory_path(store.path)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._closed = False
-        self._lock_fd: int | None = self._take_trainer_lock()
+        self._locks = TrainerLocks(store.path, name, self.shared)
         try:
             self._open(init_std, int(seed), int(admit_after), int(evict_after_steps))
             self.cache = HotCache(cache_bytes, self.width)
         except BaseException:
-            self._release_trainer_lock()
+            self._locks.close()
             raise
         self._stats = {"pulls": 0, "pushes": 0, "hits": 0, "misses": 0, "loaded": 0, "initialized": 0,
                        "not_admitted": 0, "evictions": 0, "written_back": 0, "prefetched": 0,
                        "skipped_rows": 0, "seconds_stalled": 0.0, "checkpoints": 0}
         self._generation = 0  # bumped by evictions and checkpoints: a prefetch that spans one is dropped
-        self._written_since_release = 0
         self._prefetcher = Prefetcher(self._prefetch, name=f"embkv-prefetch-{name}")
-
-    # ---------------------------------------------------------------- open and the process lock
-
-    def _take_trainer_lock(self) -> int:
-        path = os.path.join(self.store.path, f"{self.name}.train.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise WriterLockedError(f"training table {self.name!r} is open in another trainer process; one "
-                                    "process at a time trains a table") from None
-        return fd
-
-    def _release_trainer_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
 
     def _open(self, init_std: float, seed: int, admit_after: int, evict_after_steps: int) -> None:
         folder = self.store.path
@@ -131,34 +140,31 @@ class TrainingTable:
         record = TrainRecord.load(self._record_path)
         wanted = TrainRecord(self.dim, self.optimizer.config(), float(init_std), seed, admit_after,
                              evict_after_steps)
+        if record is not None and (record.dim, record.optimizer.get("name")) != (self.dim, self.optimizer.name):
+            # another kind of optimizer keeps other state; its settings (a new lr) may change
+            raise SchemaError(
+                f"training table {self.name!r} was created with dim={record.dim} and optimizer "
+                f"{optimizer_from_config(record.optimizer)!r}; reopened with dim={self.dim} and {self.optimizer!r}")
+        self.stored = StoredRows(self.store, self.name, self.width, create=record is None, shared=self.shared)
         if record is None:
             record = wanted
-            self.rows_table = self.store.create_table(f"{self.name}.train", self.width, tags=True, exist_ok=True)
-            self.spill = self.store.create_table(f"{self.name}.train-spill", self.width, tags=True, exist_ok=True)
             record.save(self._record_path, self._durable)
-        else:
-            # another kind of optimizer keeps other state; its settings (a new lr) may change
-            if (record.dim, record.optimizer.get("name")) != (self.dim, self.optimizer.name):
-                raise SchemaError(
-                    f"training table {self.name!r} was created with dim={record.dim} and optimizer "
-                    f"{optimizer_from_config(record.optimizer)!r}; reopened with dim={self.dim} and {self.optimizer!r}")
-            record.optimizer = self.optimizer.config()
-            record.init_std, record.seed = float(init_std), seed  # the caller's choice for rows still unseen
-            record.admit_after, record.evict_after_steps = admit_after, evict_after_steps
-            self.rows_table = self.store[f"{self.name}.train"]
-            # a crash while the spill table was emptied (dropped, not yet made again) leaves none
-            self.spill = self.store.create_table(f"{self.name}.train-spill", self.width, tags=True, exist_ok=True)
-        self.record = record
+        self.record = record.with_settings(wanted)  # the settings are the caller's, the progress the record's
         ids, counts = load_counters(folder, self.name, record.epoch)
-        self._seen = make_idmap(SEEN_START)
-        self._seen_capacity = SEEN_START
+        self._seen = AdmissionCounters(self.name, admit_after)
         if len(ids):
-            self._count(ids, counts)
+            self._seen.set(ids, counts)
         self.step = record.step
-        if record.merging:
-            self._merge()  # the last checkpoint committed but did not finish: finish it now
-        else:
-            self._empty_spill()  # rows evicted after the last checkpoint: not part of it
+        if self._locks.first:  # no other trainer has it open: recover what a crash left
+            if record.merging:
+                self._merge()  # the last checkpoint committed but did not finish: finish it now
+            else:
+                self.stored.empty_spill()  # rows written after the last checkpoint: not part of it
+            if self.shared:
+                self._locks.write_step(self.step)
+        elif self.shared:
+            self.step = self._locks.read_step()
+        self._locks.joined()
 
     # ---------------------------------------------------------------- inputs
 
@@ -180,19 +186,22 @@ class TrainingTable:
         rows[:, self.dim :] = self.optimizer.initial_state(len(ids), self.dim)
         return rows
 
-    def _read_stored(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of ``ids`` from the spill table, else the checkpointed rows: (rows, found).
-
-        Read with batched ``pread`` (``Table.read_rows``), not through the mappings: cold rows
-        come from disk in parallel, and this process's memory holds the cache, not the pages read.
-        """
-        rows, found = (self.spill.read_rows(ids, READ_THREADS) if len(self.spill)
-                       else (np.zeros((len(ids), self.width), dtype=np.float32), np.zeros(len(ids), dtype=np.bool_)))
+    def _rows_now(self, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (weights | state) of distinct ids as they are now, and which exist: the cached copy,
+        else the stored row. A shared trainer reads every row from the files (other trainers
+        write there); a row that does not exist reads as its initial value."""
+        if self.shared:
+            rows, found = self.stored.read(uniq)
+        else:
+            slots = self.cache.locate(uniq)
+            found = slots >= 0
+            rows = np.empty((len(uniq), self.width), dtype=np.float32)
+            rows[found] = self.cache.data[slots[found]]
+            miss = np.flatnonzero(~found)
+            if len(miss):
+                rows[miss], found[miss] = self.stored.read(uniq[miss])
         if not found.all():
-            missing = np.flatnonzero(~found)
-            more, found_more = self.rows_table.read_rows(ids[missing], READ_THREADS)
-            rows[missing[found_more]] = more[found_more]
-            found[missing[found_more]] = True
+            rows[~found] = self._initial_rows(uniq[~found])
         return rows, found
 
     def _make_room(self, count: int, protect: np.ndarray, *, wait: bool = True, bulk: bool = True) -> bool:
@@ -227,18 +236,19 @@ class TrainingTable:
             self._cond.wait(0.05)  # a push elsewhere unpins rows
             self._stats["seconds_stalled"] += time.perf_counter() - t0
         dirty = victims[cache.dirty[victims]]
-        for start in range(0, len(dirty), CHUNK):
-            part = dirty[start : start + CHUNK]
-            self.spill.put(cache.ids[part], cache.data[part], tags=cache.last[part].astype(np.uint64))
+        self._write_back(dirty)
         cache.remove(victims)
         self._stats["evictions"] += len(victims)
         self._stats["written_back"] += len(dirty)
         self._generation += 1
-        self._written_since_release += len(dirty)
-        if self._written_since_release * self.width * 4 > cache.capacity * self.width:  # a quarter of the cache
-            self.spill.release_pages()  # written rows leave this process's memory (not the file)
-            self._written_since_release = 0
         return True
+
+    def _write_back(self, slots: np.ndarray) -> None:
+        """Spill the rows of these cache slots, a chunk at a time (a copy of the chunk, not of all)."""
+        cache = self.cache
+        for start in range(0, len(slots), CHUNK):
+            part = slots[start : start + CHUNK]
+            self.stored.write(cache.ids[part], cache.data[part], cache.last[part])
 
     def _load(self, ids: np.ndarray, protect: np.ndarray, *, count_seen: bool) -> tuple[np.ndarray, np.ndarray]:
         """Bring distinct uncached ``ids`` into the cache. Returns (slots, admitted): ids not admitted
@@ -250,11 +260,11 @@ class TrainingTable:
         slots = self.cache.locate(ids)
         todo = np.flatnonzero(slots < 0)
         admitted = slots >= 0
-        rows, found = self._read_stored(ids[todo])
+        rows, found = self.stored.read(ids[todo])
         ok = found.copy()
         fresh = np.flatnonzero(~found)
         if len(fresh):
-            ok[fresh] = self._admit(ids[todo[fresh]], count_seen) if self.record.admit_after > 1 else True
+            ok[fresh] = self._seen.admit(ids[todo[fresh]], count_seen) if self.record.admit_after > 1 else True
             new = fresh[ok[fresh]]
             rows[new] = self._initial_rows(ids[todo[new]])
             self._stats["initialized"] += len(new)
@@ -262,34 +272,11 @@ class TrainingTable:
                 self._stats["not_admitted"] += int((~ok[fresh]).sum())
         self._stats["loaded"] += int(found.sum())
         take = np.flatnonzero(ok)
-        slots[todo[take]] = self.cache.insert(ids[todo[take]], rows[take], self.step, dirty=~found[take])
+        # a shared trainer writes every change through: its cached rows are never dirty
+        slots[todo[take]] = self.cache.insert(ids[todo[take]], rows[take], self.step,
+                                              dirty=False if self.shared else ~found[take])
         admitted[todo] = ok
         return slots, admitted
-
-    def _admit(self, ids: np.ndarray, count_seen: bool) -> np.ndarray:
-        """Count one sighting of each never-stored id; True where it has now been seen admit_after times."""
-        counts = np.empty(len(ids), dtype=np.int64)
-        self._seen.lookup(ids, counts)
-        counts = np.maximum(counts, 0) + (1 if count_seen else 0)
-        admit = counts >= self.record.admit_after
-        if count_seen:
-            keep = ~admit
-            if keep.any():
-                self._count(ids[keep], counts[keep])
-            self._seen.remove(ids[admit])
-        return admit
-
-    def _count(self, ids: np.ndarray, counts: np.ndarray) -> None:
-        """Set admission counters, growing their map (it starts small: most tables never use it)."""
-        while len(self._seen) + len(ids) > self._seen_capacity:
-            if self._seen_capacity >= MAX_SEEN:
-                raise SchemaError(f"training table {self.name!r}: more than {MAX_SEEN:,} ids wait for admission; "
-                                  "lower admit_after")
-            keys, values = self._seen.items()
-            self._seen_capacity *= 2
-            self._seen = make_idmap(self._seen_capacity)
-            self._seen.insert(keys, values)
-        self._seen.insert(np.ascontiguousarray(ids), np.ascontiguousarray(counts, dtype=np.int64))
 
     def _locate_or_load(self, uniq: np.ndarray, *, count_seen: bool) -> tuple[np.ndarray, np.ndarray]:
         """Slots of ``uniq`` (loading the misses) and which are admitted; every returned slot has
@@ -333,6 +320,8 @@ class TrainingTable:
             self._wait_for_staleness(uniq, block)
             slots, admitted = self._locate_or_load(uniq, count_seen=True)  # pinned until their push
             cached = slots[admitted]
+            if self.shared and len(cached):  # other trainers may have pushed since these were cached
+                self.cache.data[cached] = self._rows_now(uniq[admitted])[0]
             self.cache.last[cached] = self.step
             rows = np.empty((len(uniq), self.dim), dtype=np.float32)
             rows[admitted] = self.cache.data[cached, : self.dim]
@@ -404,14 +393,22 @@ class TrainingTable:
             slots, admitted = self._locate_or_load(uniq, count_seen=False)
             s = slots[admitted]
             self.cache.pins[s] -= 1  # the pin _locate_or_load took; the pull's goes below
-            self.step += 1
-            weights = self.cache.data[s, : self.dim]
-            state = self.cache.data[s, self.dim :]
-            self.optimizer.update(weights, state, summed[admitted], self.step)
-            self.cache.data[s, : self.dim] = weights
-            self.cache.data[s, self.dim :] = state
-            self.cache.dirty[s] = True
-            self.cache.last[s] = self.step
+            with self._locks.mutex():
+                if self.shared:  # the update applies to the row as the last push of any trainer left it
+                    self.cache.data[s] = self._rows_now(uniq[admitted])[0]
+                    self.step = self._locks.read_step()
+                self.step += 1
+                weights = self.cache.data[s, : self.dim]
+                state = self.cache.data[s, self.dim :]
+                self.optimizer.update(weights, state, summed[admitted], self.step)
+                self.cache.data[s, : self.dim] = weights
+                self.cache.data[s, self.dim :] = state
+                self.cache.last[s] = self.step
+                if self.shared:
+                    self.stored.write(uniq[admitted], self.cache.data[s], self.cache.last[s])
+                    self._locks.write_step(self.step)
+                else:
+                    self.cache.dirty[s] = True
             self.cache.pins[s] = np.maximum(self.cache.pins[s] - 1, 0)
             self._stats["pushes"] += 1
             self._cond.notify_all()
@@ -421,13 +418,26 @@ class TrainingTable:
         training with your own optimizer. Admission does not apply; the last of duplicates wins."""
         ids = self._ids(ids)
         rows = self._rows(rows, len(ids), self.dim, "rows")
-        if not np.isfinite(rows).all():
-            raise SchemaError(f"training table {self.name!r}: rows hold NaN or inf; nothing was written")
         st = (self.optimizer.initial_state(len(ids), self.dim) if state is None
               else self._rows(state, len(ids), self.state_dim, "state"))
+        if not (np.isfinite(rows).all() and np.isfinite(st).all()):
+            raise SchemaError(f"training table {self.name!r}: rows or state hold NaN or inf; nothing was written")
         with self._lock:
             self._require_open()
+            if not len(ids):
+                return
             uniq, last = last_of_duplicates(ids)
+            full = np.concatenate([rows[last], st[last]], axis=1)
+            self._seen.forget(uniq)
+            bulk = int((self.cache.locate(uniq) < 0).sum()) > self.cache.capacity // 4
+            if self.shared or bulk:  # straight to the files; cached copies follow
+                with self._locks.mutex():
+                    step = self._locks.read_step() if self.shared else self.step
+                    self.stored.write(uniq, full, np.full(len(uniq), step))
+                slots = self.cache.locate(uniq)
+                self.cache.data[slots[slots >= 0]] = full[slots >= 0]
+                self.cache.dirty[slots[slots >= 0]] = False  # the spill has them now
+                return
             cache = self.cache
             slots = cache.locate(uniq)
             hit = slots[slots >= 0]
@@ -440,50 +450,29 @@ class TrainingTable:
             slots = cache.locate(uniq)  # another thread may have cached some meanwhile
             missing = np.flatnonzero(slots < 0)
             if len(missing):
-                slots[missing] = cache.insert(uniq[missing], np.zeros((len(missing), self.width), np.float32),
-                                              self.step, dirty=True)
-                if self.record.admit_after > 1:
-                    self._seen.remove(uniq[missing])
-            self.cache.data[slots, : self.dim] = rows[last]
-            self.cache.data[slots, self.dim :] = st[last]
-            self.cache.dirty[slots] = True
-            self.cache.last[slots] = self.step
+                slots[missing] = cache.insert(uniq[missing], full[missing], self.step, dirty=True)
+            cache.data[slots] = full
+            cache.dirty[slots] = True
+            cache.last[slots] = self.step
+
+    def read(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows [B, dim + state_dim], exists [B])``: weights and optimizer state as they are now,
+        the initial values where no row exists. Pins nothing and counts no sighting."""
+        ids = self._ids(ids)
+        with self._lock:
+            self._require_open()
+            uniq, inverse = np.unique(ids, return_inverse=True)
+            rows, found = self._rows_now(uniq)
+        return rows[inverse], found[inverse]
 
     def pull_state(self, ids: Any) -> np.ndarray:
-        """The optimizer state of ``ids`` (float32 [B, state_dim]); the initial state for ids not stored.
-        Pins nothing and counts no sighting."""
-        ids = self._ids(ids)
-        with self._lock:
-            self._require_open()
-            uniq, inverse = np.unique(ids, return_inverse=True)
-            out = self.optimizer.initial_state(len(uniq), self.dim)
-            slots = self.cache.locate(uniq)
-            hit = slots >= 0
-            out[hit] = self.cache.data[slots[hit], self.dim :]
-            if not hit.all():
-                miss = np.flatnonzero(~hit)
-                rows, found = self._read_stored(uniq[miss])
-                out[miss[found]] = rows[found, self.dim :]
-        result: np.ndarray = out[inverse]
-        return result
+        """The optimizer state of ``ids`` (float32 [B, state_dim]), as :meth:`read` finds it."""
+        return np.ascontiguousarray(self.read(ids)[0][:, self.dim :])
 
-    def get(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(weights [B, dim], found [B]) without pinning or admission: for evaluation. Rows not
-        stored read as their initial vector, with found False."""
-        ids = self._ids(ids)
-        with self._lock:
-            self._require_open()
-            uniq, inverse = np.unique(ids, return_inverse=True)
-            out = initial_vectors(uniq, self.dim, self.record.init_std, self.record.seed)
-            slots = self.cache.locate(uniq)
-            found = slots >= 0
-            out[found] = self.cache.data[slots[found], : self.dim]
-            if not found.all():
-                miss = np.flatnonzero(~found)
-                rows, ok = self._read_stored(uniq[miss])
-                out[miss[ok]] = rows[ok, : self.dim]
-                found[miss[ok]] = True
-        return out[inverse], found[inverse]
+    def weights(self, ids: Any) -> np.ndarray:
+        """The model's view of ``ids`` (float32 [B, dim]) for evaluation: the weights, and the
+        initial vector of ids without a row. Pins nothing and counts no sighting."""
+        return np.ascontiguousarray(self.read(ids)[0][:, : self.dim])
 
     # ---------------------------------------------------------------- prefetch
 
@@ -496,7 +485,7 @@ class TrainingTable:
             generation = self._generation
         if not len(missing):
             return
-        rows, found = self._read_stored(missing)  # the slow part, without the lock
+        rows, found = self.stored.read(missing)  # the slow part, without the lock
         with self._lock:
             if self._closed or self._generation != generation:
                 return  # an eviction or checkpoint ran meanwhile: what was read may be stale
@@ -521,98 +510,120 @@ class TrainingTable:
     # ---------------------------------------------------------------- checkpoint
 
     def checkpoint(self) -> None:
-        """Make every push so far durable; reopening gives exactly these rows, state and counters."""
+        """Make every push so far durable; reopening gives exactly these rows, state and counters.
+
+        Shared trainers: one checkpoint makes every trainer's pushes so far durable."""
         with self._lock:
             self._require_open()
             cache = self.cache
             dirty = np.flatnonzero(cache.dirty & cache.used)
-            for start in range(0, len(dirty), CHUNK):
-                part = dirty[start : start + CHUNK]
-                self.spill.put(cache.ids[part], cache.data[part], tags=cache.last[part].astype(np.uint64))
-            cache.dirty[dirty] = False
-            _sync(self.spill)
-            epoch = self.record.epoch + 1
-            ids_b, counts_b = self._seen.items()
-            save_counters(self.store.path, self.name, epoch, np.frombuffer(ids_b, dtype=np.int64),
-                          np.frombuffer(counts_b, dtype=np.int64), self._durable)
-            self.record.step, self.record.epoch, self.record.merging = self.step, epoch, True
-            self.record.save(self._record_path, self._durable)  # the commit point
-            self._generation += 1
-            self._merge()
+            with self._locks.mutex():
+                self._write_back(dirty)
+                cache.dirty[dirty] = False
+                if self.shared:  # another trainer's checkpoint may have come since this one opened
+                    on_disk = TrainRecord.load(self._record_path)
+                    if on_disk is None:
+                        raise SchemaError(f"training table {self.name!r}: its record {self._record_path} is gone")
+                    self.record = on_disk.with_settings(self.record)
+                    self.step = self._locks.read_step()
+                    if self.record.merging:
+                        self._merge()  # a trainer died in its merge: finish it first
+                self.stored.sync_spill()
+                epoch = self.record.epoch + 1
+                ids, counts = self._seen.items()
+                save_counters(self.store.path, self.name, epoch, ids, counts, self._durable)
+                self.record.step, self.record.epoch, self.record.merging = self.step, epoch, True
+                self.record.save(self._record_path, self._durable)  # the commit point
+                self._generation += 1
+                self._merge()
             self._stats["checkpoints"] += 1
 
     def _merge(self) -> None:
         """Fold the spill table into the checkpointed rows, evict stale rows, and empty the spill."""
-        keys, vectors, tags = self.spill.export_tagged()
-        for start in range(0, len(keys), CHUNK):
-            self.rows_table.put(keys[start : start + CHUNK], vectors[start : start + CHUNK],
-                                tags=tags[start : start + CHUNK])
         n = self.record.evict_after_steps
-        if n and self.record.step > n:
-            self._evict_untouched(self.record.step - n)
-        _sync(self.rows_table)
-        self.rows_table.release_pages()  # the merge (and any eviction scan) mapped them: let them go
-        self._empty_spill()
+        evicted = self.stored.merge(self.record.step - n if n and self.record.step > n else 0)
+        if len(evicted) and hasattr(self, "cache"):  # cached copies go too, unless pinned or changed
+            slots = self.cache.locate(evicted)
+            gone = slots[slots >= 0]
+            self.cache.remove(gone[(self.cache.pins[gone] == 0) & ~self.cache.dirty[gone]])
         self.record.merging = False
         self.record.save(self._record_path, self._durable)
         remove_counters_except(self.store.path, self.name, self.record.epoch)
 
-    def _evict_untouched(self, before_step: int) -> None:
-        """Delete the stored rows no push touched since ``before_step`` (their tag says when).
+    # ---------------------------------------------------------------- the table interface
 
-        The stored tags alone decide, so a merge redone after a crash deletes the same rows;
-        cached copies of them go too, unless pinned by an outstanding pull (pushed later, such
-        a row is stored again as new)."""
-        keys, _, tags = self.rows_table.export_tagged()
-        old = keys[tags < np.uint64(before_step)]
-        if hasattr(self, "cache"):
-            slots = self.cache.locate(old)
-            gone = slots[slots >= 0]
-            self.cache.remove(gone[(self.cache.pins[gone] == 0) & ~self.cache.dirty[gone]])
-        for start in range(0, len(old), CHUNK):
-            self.rows_table.delete(old[start : start + CHUNK])
+    def put(self, keys: Any, vectors: Any, tags: Any = None) -> None:
+        """:meth:`push_rows` with the initial optimizer state (training rows keep no tags of yours)."""
+        if tags is not None:
+            raise SchemaError(f"training table {self.name!r} keeps no row tags of yours (its tags are steps)")
+        self.push_rows(keys, vectors)
 
-    def _empty_spill(self) -> None:
-        if len(self.spill):
-            self.store.drop_table(self.spill.name)
-            self.spill = self.store.create_table(f"{self.name}.train-spill", self.width, tags=True)
+    def delete(self, keys: Any) -> int:
+        """Remove rows (and their state) now; the files lose them at the next checkpoint. Returns
+        how many existed. Pulls of them still outstanding end; a later pull starts them anew."""
+        ids = self._ids(keys)
+        with self._lock:
+            self._require_open()
+            if not len(ids):
+                return 0
+            uniq = np.unique(ids)
+            with self._locks.mutex():
+                _, found = self._rows_now(uniq)
+                stored = self.stored.read(uniq)[1]
+                slots = self.cache.locate(uniq)
+                self.cache.remove(slots[slots >= 0])
+                self.stored.delete(uniq[stored])
+                self._seen.forget(uniq)
+                self._generation += 1
+            self._cond.notify_all()
+            return int(found.sum())
+
+    def keys(self) -> np.ndarray:
+        """The ids that have a row now (sorted int64): a scan of the stored keys."""
+        with self._lock:
+            self._require_open()
+            stored = self.stored.keys()
+            if self.shared:
+                return stored
+            result: np.ndarray = np.union1d(stored, self.cache.ids[self.cache.used])
+            return result
+
+    def info(self) -> dict[str, Any]:
+        """Schema and counts: name, dim, dtype, key_type, rows, and the training settings."""
+        with self._lock:
+            self._require_open()
+            return {"name": self.name, "dim": self.dim, "dtype": "float32", "key_type": "int64", "rows": len(self),
+                    "kind": "training", "optimizer": self.optimizer.config(), "state_dim": self.state_dim,
+                    "step": self.step, "epoch": self.record.epoch, "shared": self.shared,
+                    "cache_rows": self.cache.capacity, "staleness": self.staleness,
+                    "admit_after": self.record.admit_after, "evict_after_steps": self.record.evict_after_steps}
 
     # ---------------------------------------------------------------- publish, stats, close
 
     def publish(self, serving_store: Store, name: str) -> Table:
         """Checkpoint, then write the weights (no optimizer state) as table ``name`` of ``serving_store``,
-        published atomically: readers of that table switch to it as after ``load_table``."""
+        published atomically: readers of that table switch to it as after ``load_table``.
+
+        The weights stream through a temporary ``.npy`` file beside the training table, so a table
+        larger than memory publishes in this process's memory of its keys (8 bytes a row)."""
         with self._lock:
             self.checkpoint()
-            keys, vectors, _ = self.rows_table.export_tagged()
-            weights = np.ascontiguousarray(vectors[:, : self.dim])
-        return serving_store.load_table(name, keys, weights)
+            return self.stored.publish_weights(serving_store, name, self.dim)
 
     def stats(self) -> dict[str, Any]:
         """Counters since open: hits, misses, evictions, bytes cached, seconds stalled, and more."""
         with self._lock:
-            out: dict[str, Any] = dict(self._stats)
-            out["rows_cached"] = len(self.cache)
-            out["cache_rows"] = self.cache.capacity
-            out["bytes_cached"] = len(self.cache) * slot_bytes(self.width)
-            out["step"] = self.step
-            out["rows_stored"] = len(self.rows_table)
-            out["waiting_admission"] = len(self._seen)
+            out: dict[str, Any] = dict(self._stats, rows_cached=len(self.cache), cache_rows=self.cache.capacity,
+                                       bytes_cached=len(self.cache) * slot_bytes(self.width), step=self.step,
+                                       rows_checkpointed=len(self.stored.rows), waiting_admission=len(self._seen))
         out["seconds_stalled"] = round(float(out["seconds_stalled"]), 6)
         return out
 
-    def __len__(self) -> int:
-        """Rows stored as of the last checkpoint, plus rows made since."""
-        with self._lock:
-            stored = len(self.rows_table)
-            if not len(self.cache):
-                return stored
-            cached = self.cache.ids[self.cache.used]
-            _, found = self.rows_table.get(cached)
-            return stored + int((~found).sum())
-
     def close(self, checkpoint: bool = True) -> None:
-        """Checkpoint (unless ``checkpoint=False``: lose what came after the last one) and release the table."""
+        """Checkpoint (unless ``checkpoint=False``: lose what came after the last one) and release the table.
+
+        A shared trainer's pushes are in the files already: ``checkpoint=False`` leaves them to
+        the next checkpoint of another trainer."""
         if self._closed:
             return
         self._prefetcher.stop()
@@ -623,7 +634,7 @@ class TrainingTable:
             with self._lock:
                 self._closed = True
                 self.cache.clear()
-            self._release_trainer_lock()
+            self._locks.close()
 
     def __enter__(self) -> TrainingTable:
         return self
@@ -633,10 +644,5 @@ class TrainingTable:
 
     def __repr__(self) -> str:
         return (f"TrainingTable({self.name!r}, dim={self.dim}, optimizer={self.optimizer!r}, "
-                f"step={self.step}, cache_rows={self.cache.capacity})")
+                f"step={self.step}, cache_rows={self.cache.capacity}, shared={self.shared})")
 
-
-def _sync(table: Table) -> None:
-    """Flush a table file and empty its log: its rows survive a crash from here on."""
-    with table.write_session() as session:
-        session.checkpoint()
