@@ -15,19 +15,20 @@ fsyncs every file of the store folder and drops it from the page cache
 reports its RSS. The peak is reset (``/proc/self/clear_refs``) once the baseline is taken, so
 it covers training only, not the interpreter's start-up.
 
-Why ``ALLOWANCE`` is 48 MiB: two parts, each independent of the table's size.
-  * 32 MiB: the largest single copy the trainer makes by design. A checkpoint writes dirty
-    cached rows to the store ``CHUNK`` (65,536) rows per call, and ``cache.data[part]`` copies
-    them: 65,536 rows x 512 bytes (dim 64 + Adagrad state, float32) = 32 MiB.
-  * 16 MiB: one step's arrays and allocator slack: the ids, ``np.unique``'s outputs, the pulled
-    rows and their gather (1 MiB each at 4,096 x 64 float32), the gradients, the summed
-    gradients and the weights/state copies of ``push`` (2 MiB), cold rows read by ``pread``
-    (up to 4,096 x 512 bytes = 2 MiB), an eviction's victims copied for the spill table
-    (capacity / 16 rows, 1.9 MiB here), and malloc keeping freed blocks (its mmap threshold
-    grows to 32 MiB, so freed numpy arrays can stay resident).
-Everything the trainer holds per row of the table (a copy of the spill table at a merge, pages
-of the rows or spill files left mapped) grows with the table instead, and with the table at
-4x the cache it cannot fit: the bound is 80 MiB, under half of the rows file (about 164 MiB).
+Why ``ALLOWANCE`` is 48 MiB: what the trainer maps or copies at once, none of it per row of
+the table (embkv.train.stored explains each limit).
+  * up to 32 MiB: a ``put`` of 256 rows into the spill or the checkpointed rows, whose pages
+    are dropped after it: each row read there faults in up to 64 KiB of fault-around twice
+    (the row it replaces, its index slot); about 18 MiB measured;
+  * 8 MiB: a chunk of 8,192 rows as a checkpoint writes back or a merge reads it (4 MiB mapped,
+    4 MiB copied), and 8 MiB of rows a key scan maps before it drops them;
+  * the rest: one step's arrays (ids, ``np.unique``, pulled rows, gradients, cold rows read by
+    ``pread``: 1-2 MiB each at 4,096 x 64 float32) and malloc keeping freed blocks.
+Measured: the peak stays about 32 MiB above ``cache_bytes`` (64 MiB over the baseline here).
+Everything the trainer would hold per row of the table (a copy of the spill at a merge, pages of
+the rows or spill files left mapped, large folios mapped whole) grows with the table instead,
+and with the table at 4x the cache it cannot fit: the bound is 80 MiB, under half of the rows
+file (about 164 MiB).
 """
 
 from __future__ import annotations

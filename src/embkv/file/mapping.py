@@ -23,7 +23,7 @@ from .format import COUNTERS_OFFSET, HEADER_SIZE, INLINE_KEY, PAGE, Counter, Lay
 from .kernels import FP_SHIFT, ROW_FIELD, SLOT_EMPTY, SLOT_TOMB, KernelView, make_view
 from .publish import is_memory_path
 
-SCAN_BYTES = 32 << 20  # a key scan drops the pages it read every this many bytes (see row_int_keys)
+SCAN_BYTES = 8 << 20  # a key scan drops the pages it read every this many bytes (see row_int_keys)
 
 __all__ = [
     "Chunk",
