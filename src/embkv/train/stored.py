@@ -15,6 +15,7 @@ and is read in the same batched ``pread`` as the rows.
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 
@@ -31,6 +32,10 @@ CHUNK = 8192  # rows per read when merging or scanning: 4 MiB of dim-64 Adagrad 
 # 64 KiB of neighbouring page-cache pages (the kernel's fault-around), so a put maps up to
 # 128 KiB a row: 256 rows keep it under 32 MiB (18 MiB measured)
 WRITE_CHUNK = 256
+# file pages a trainer may keep mapped before it drops them: pages written are dropped once this
+# process maps this much more file memory than after its last drop, not after every put, so the
+# index pages that every put touches stay mapped between drops instead of faulting in again
+MAPPED_BUDGET = 16 << 20
 READ_THREADS = 8  # parallel preads when cold rows load (a disk keeps several in flight)
 TOMBSTONE_BITS = 0x7FD1E7ED  # a quiet NaN with a payload arithmetic never makes
 
@@ -50,6 +55,7 @@ class StoredRows:
 
     def __init__(self, store: Store, name: str, width: int, *, create: bool, shared: bool) -> None:
         self.store, self.name, self.width, self.shared = store, name, width, shared
+        self._mapped_after_release = _mapped_file_bytes()
         if create:
             self.rows = store.create_table(f"{name}.train", width, tags=True, exist_ok=True)
         else:
@@ -115,7 +121,7 @@ class StoredRows:
         for start in range(0, len(ids), WRITE_CHUNK):
             end = start + WRITE_CHUNK
             self.spill.put(ids[start:end], rows[start:end], tags=steps[start:end].astype(np.uint64))
-            self.spill.release_pages()
+            self.keep_mapped_within_budget()
 
     def delete(self, ids: np.ndarray) -> None:
         """Delete rows as of the next checkpoint: a tombstone each in the spill."""
@@ -143,7 +149,7 @@ class StoredRows:
             for at in range(0, len(live), WRITE_CHUNK):
                 take = live[at : at + WRITE_CHUNK]
                 self.rows.put(part[take], vectors[take], tags=tags[take])
-                self.rows.release_pages()
+                self.keep_mapped_within_budget()
             if dead.any():
                 self.rows.delete(part[dead])
             self.release_pages()
@@ -182,6 +188,15 @@ class StoredRows:
         """Drop this process's mapped pages of both tables (the page cache keeps them)."""
         self.spill.release_pages()
         self.rows.release_pages()
+        self._mapped_after_release = _mapped_file_bytes()
+
+    def keep_mapped_within_budget(self) -> None:
+        """Drop the tables' pages if this process maps ``MAPPED_BUDGET`` more file memory than
+        after the last drop (/proc/self/statm; where it cannot be read, drop every time)."""
+        mapped = _mapped_file_bytes()
+        if mapped < 0 or mapped - self._mapped_after_release > MAPPED_BUDGET:
+            self.release_pages()
+
 
     def publish_weights(self, serving_store: Store, name: str, dim: int) -> Table:
         """Load the first ``dim`` columns of the checkpointed rows as table ``name`` of ``serving_store``.
@@ -203,6 +218,15 @@ class StoredRows:
             return serving_store.load_table(name, keys, tmp)
         finally:
             os.unlink(tmp)
+
+
+def _mapped_file_bytes() -> int:
+    """This process's resident file-backed and shared-memory pages, in bytes (-1 if unknown)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[2]) * mmap.PAGESIZE
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _sync(table: Table) -> None:
