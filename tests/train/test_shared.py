@@ -10,6 +10,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -129,3 +132,81 @@ def test_sole_and_shared_trainers_refuse_each_other(disk_store_path: str) -> Non
         TrainingTable(store, "t", DIM, SGD(lr=1.0), shared=True, admit_after=3)
     TrainingTable(store, "t", DIM, SGD(lr=1.0)).close()  # all let go: a sole trainer opens
     store.close()
+
+
+def test_publish_is_one_checkpoint_even_while_another_trainer_checkpoints(disk_store_path: str, tmp_path) -> None:
+    with embkv.open(disk_store_path) as store, embkv.open(str(tmp_path / "serve")) as serve:
+        a = TrainingTable(store, "t", DIM, SGD(), init_std=0.0, shared=True)
+        b = TrainingTable(store, "t", DIM, SGD(), init_std=0.0, shared=True)
+        a.put(np.arange(10), np.full((10, DIM), 5.0))
+        a.checkpoint()
+        real = a.stored.rows.read_rows
+        other = threading.Thread(target=lambda: (b.delete([3]), b.checkpoint()))
+
+        def read_rows(keys: np.ndarray, threads: int = 8) -> tuple[np.ndarray, np.ndarray]:
+            if not other.is_alive() and other.ident is None:
+                other.start()
+                time.sleep(0.3)  # b's checkpoint would merge now, were a's publish not holding the mutex
+            return real(keys, threads)
+
+        a.stored.rows.read_rows = read_rows  # type: ignore[method-assign]
+        keys, vectors = a.publish(serve, "w").export()
+        other.join(30)
+        assert keys.tolist() == list(range(10)) and (vectors == 5).all()  # the snapshot before b's delete
+        assert not b.contains([3])[0]
+        a.close()
+        b.close()
+
+
+KILLED_IN_PUSH = """
+import os, sys
+import numpy as np
+import embkv
+from embkv.train import SGD, TrainingTable
+t = TrainingTable(embkv.open(sys.argv[1]), "t", 4, SGD(lr=1.0), init_std=0.0, shared=True)
+real = t.stored.spill.put
+def put(*args, **kwargs):
+    real(*args, **kwargs)
+    os._exit(9)  # dies right after the first put of its push
+t.stored.spill.put = put
+ids = np.arange(600)
+t.pull(ids)
+t.push(ids, np.ones((600, 4), dtype=np.float32))
+"""
+
+
+def test_a_shared_trainer_killed_in_a_push_leaves_all_of_it_or_none(disk_store_path: str) -> None:
+    with embkv.open(disk_store_path) as store:
+        survivor = TrainingTable(store, "t", DIM, SGD(lr=1.0), init_std=0.0, shared=True)
+        survivor.put(np.arange(600), np.zeros((600, DIM)))
+        survivor.checkpoint()
+        assert subprocess.call([sys.executable, "-c", KILLED_IN_PUSH, disk_store_path]) == 9
+        survivor.checkpoint()  # commits whatever the dead trainer left
+        survivor.close()
+        with TrainingTable(store, "t", DIM, SGD(lr=1.0), init_std=0.0) as table:
+            changed = int((table.weights(np.arange(600))[:, 0] != 0).sum())
+            assert changed in (0, 600), changed
+            assert table.step == 1  # its step was counted before its rows were written
+
+
+FORKS_THEN_DIES = """
+import os, sys, time
+import numpy as np
+import embkv
+from embkv.train import SGD, TrainingTable
+t = TrainingTable(embkv.open(sys.argv[1]), "t", 4, SGD(), shared=True)
+if os.fork() == 0:  # a helper process (a DataLoader worker, say) that outlives the trainer
+    time.sleep(6)
+    os._exit(0)
+t.stored.write = lambda *args, **kwargs: os._exit(9)  # killed while it holds the mutex
+t.pull([1])
+t.push([1], np.ones((1, 4), dtype=np.float32))
+"""
+
+
+def test_a_forked_child_does_not_keep_a_dead_trainers_locks(disk_store_path: str) -> None:
+    assert subprocess.call([sys.executable, "-c", FORKS_THEN_DIES, disk_store_path]) == 9
+    t0 = time.monotonic()
+    with embkv.open(disk_store_path) as store:
+        TrainingTable(store, "t", DIM, SGD(), shared=True).close()
+    assert time.monotonic() - t0 < 4, "the next trainer waited for the forked child"

@@ -12,8 +12,10 @@ import numpy as np
 
 from ..errors import KeyTypeError, SchemaError
 from ..file.inputs import as_int_keys, as_vectors
+from .cache import slot_bytes
+from .optimizers import Optimizer
 
-__all__ = ["as_ids", "as_rows", "last_of_duplicates"]
+__all__ = ["as_ids", "as_rows", "check_settings", "last_of_duplicates"]
 
 
 def as_ids(ids: Any, table: str) -> np.ndarray:
@@ -40,3 +42,23 @@ def last_of_duplicates(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct ids (sorted), and for each the index of its last occurrence."""
     uniq, first_in_reversed = np.unique(ids[::-1], return_index=True)
     return uniq, len(ids) - 1 - first_in_reversed
+
+
+def check_settings(dim: Any, optimizer: Any, *, cache_bytes: Any, init_std: Any, seed: Any, staleness: Any,
+                   admit_after: Any, evict_after_steps: Any, shared: bool) -> None:
+    """:class:`SchemaError` for a training table's settings that cannot work, before any file is made."""
+    if not isinstance(optimizer, Optimizer):
+        raise SchemaError(f"optimizer must be embkv.train.SGD, Adagrad or Adam, got {optimizer!r}")
+    for label, value in (("dim", dim), ("staleness", staleness), ("admit_after", admit_after),
+                         ("evict_after_steps", evict_after_steps), ("seed", seed), ("cache_bytes", cache_bytes)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise SchemaError(f"{label} must be an int >= 0, got {value!r}")
+    if not 0 < dim <= 1 << 16:
+        raise SchemaError(f"dim must be in 1..65536, got {dim}")
+    if not (isinstance(init_std, (int, float)) and np.isfinite(init_std) and init_std >= 0):
+        raise SchemaError(f"init_std must be finite and >= 0, got {init_std!r}")
+    one_row = slot_bytes(int(dim) + optimizer.state_dim(int(dim)))
+    if cache_bytes < one_row:
+        raise SchemaError(f"cache_bytes={cache_bytes} holds no row: one row and its state take {one_row} bytes")
+    if shared and admit_after > 1:
+        raise SchemaError("admit_after needs a sole trainer: its counters live in one process (shared=False)")

@@ -8,9 +8,11 @@ count pushes in ``<name>.train-step`` (one u64, read and written under the mutex
 push reads the current row, applies its update and writes it back with no other trainer in
 between, and every push has its own step.
 
-``flock`` locks go with the file descriptor: a trainer that dies releases them at once, and a
-forked child does not inherit a right to train (the descriptors are close-on-exec, and the
-fork rule of ``TrainingTable`` says not to use it in a child).
+``flock`` locks belong to the open file, which a forked child shares: a child that outlived a
+killed trainer (a DataLoader worker, say) would hold its locks, and every other trainer would
+wait for the mutex until the child exits. So a forked child closes its copies at once (that
+releases nothing of the parent's) and cannot use the table; a trainer that dies releases its
+locks with its last descriptor.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import weakref
 from collections.abc import Iterator
 
-from ..errors import WriterLockedError
+from ..errors import TableClosedError, WriterLockedError
 
 __all__ = ["TrainerLocks"]
+
+_OPEN: weakref.WeakSet[TrainerLocks] = weakref.WeakSet()  # for the fork handler below
 
 
 def _open_lock_file(path: str) -> int:
@@ -39,9 +44,12 @@ class TrainerLocks:
 
     def __init__(self, folder: str, name: str, shared: bool) -> None:
         self.shared = shared
-        self._member = _open_lock_file(os.path.join(folder, f"{name}.train.lock"))
+        self.name = name
+        self._member: int | None = _open_lock_file(os.path.join(folder, f"{name}.train.lock"))
         self._mutex: int | None = None
         self._step: int | None = None
+        self._depth = 0  # mutex() nests: the flock is taken by the outermost and released by it
+        _OPEN.add(self)
         try:
             if shared:
                 self._mutex = _open_lock_file(os.path.join(folder, f"{name}.train.mutex"))
@@ -59,6 +67,7 @@ class TrainerLocks:
             raise
 
     def _try(self, how: int) -> bool:
+        assert self._member is not None
         try:
             fcntl.flock(self._member, how | fcntl.LOCK_NB)
             return True
@@ -77,14 +86,21 @@ class TrainerLocks:
     @contextlib.contextmanager
     def mutex(self) -> Iterator[None]:
         """Hold the table against the other shared trainers (a sole trainer needs no mutex)."""
-        if self._mutex is None:
+        if not self.shared:
             yield
             return
-        fcntl.flock(self._mutex, fcntl.LOCK_EX)
+        if self._mutex is None:
+            raise TableClosedError(f"training table {self.name!r}: this trainer was closed, or this is a process "
+                                    "forked from it (open the table again here)")
+        if self._depth == 0:
+            fcntl.flock(self._mutex, fcntl.LOCK_EX)
+        self._depth += 1
         try:
             yield
         finally:
-            fcntl.flock(self._mutex, fcntl.LOCK_UN)
+            self._depth -= 1
+            if self._depth == 0 and self._mutex is not None:
+                fcntl.flock(self._mutex, fcntl.LOCK_UN)
 
     def read_step(self) -> int:
         """The shared push count (hold the mutex)."""
@@ -101,6 +117,13 @@ class TrainerLocks:
         for fd in (self._step, self._mutex, self._member):
             if fd is not None:
                 with contextlib.suppress(OSError):
-                    os.close(fd)  # releases its flock
-        self._step = self._mutex = None
-        self._member = -1
+                    os.close(fd)  # the last descriptor of the open file releases its flock
+        self._step = self._mutex = self._member = None
+
+
+def _close_in_child() -> None:
+    for locks in list(_OPEN):
+        locks.close()
+
+
+os.register_at_fork(after_in_child=_close_in_child)

@@ -15,12 +15,14 @@ and is read in the same batched ``pread`` as the rows.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
 
 import numpy as np
 
+from ..errors import CorruptTableError
 from ..file.store import Store
 from ..file.table import Table
 
@@ -37,6 +39,7 @@ WRITE_CHUNK = 256
 # index pages that every put touches stay mapped between drops instead of faulting in again
 MAPPED_BUDGET = 16 << 20
 READ_THREADS = 8  # parallel preads when cold rows load (a disk keeps several in flight)
+PUBLISH_PREFIX = ".train-publish."  # + name.pid.random.npy: the weights a publish streams through
 TOMBSTONE_BITS = 0x7FD1E7ED  # a quiet NaN with a payload arithmetic never makes
 
 
@@ -112,14 +115,17 @@ class StoredRows:
 
     # ---------------------------------------------------------------- writes since the checkpoint
 
-    def write(self, ids: np.ndarray, rows: np.ndarray, steps: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, rows: np.ndarray, steps: np.ndarray, *, atomic: bool = False) -> None:
         """Spill rows (each tagged with the step it was last touched at).
 
-        The puts write through the spill's mapping; its pages are dropped from this process
-        after each call (they stay in the page cache), so a trainer's memory does not grow with
-        the rows it spills."""
-        for start in range(0, len(ids), WRITE_CHUNK):
-            end = start + WRITE_CHUNK
+        The puts write through the spill's mapping, 256 rows at a time, and this process's pages
+        of the tables are dropped whenever it maps ``MAPPED_BUDGET`` more (they stay in the page
+        cache), so a trainer's memory does not grow with the rows it spills. ``atomic``: one put,
+        so that a trainer killed in the middle leaves all of it or none (a shared trainer's push,
+        which the others may checkpoint)."""
+        chunk = max(1, len(ids)) if atomic else WRITE_CHUNK
+        for start in range(0, len(ids), chunk):
+            end = start + chunk
             self.spill.put(ids[start:end], rows[start:end], tags=steps[start:end].astype(np.uint64))
             self.keep_mapped_within_budget()
 
@@ -184,6 +190,17 @@ class StoredRows:
             self.store.drop_table(self.spill.name)
             self.spill = self._new_spill()
 
+    def remove_stale_publish_files(self) -> None:
+        """Delete the temporary files of publishes whose process died (a SIGKILL skips the cleanup)."""
+        prefix = f"{PUBLISH_PREFIX}{self.name}."
+        for entry in os.listdir(self.store.path):
+            if not (entry.startswith(prefix) and entry.endswith(".npy")):
+                continue
+            pid = entry[len(prefix) :].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.store.path, entry))
+
     def release_pages(self) -> None:
         """Drop this process's mapped pages of both tables (the page cache keeps them)."""
         self.spill.release_pages()
@@ -205,7 +222,8 @@ class StoredRows:
         maps it), so a table larger than memory publishes in this process's memory of its keys
         (8 bytes a row) and one chunk of rows."""
         keys = self.rows.keys()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.name}.train-publish.", suffix=".npy", dir=self.store.path)
+        fd, tmp = tempfile.mkstemp(prefix=f"{PUBLISH_PREFIX}{self.name}.{os.getpid()}.", suffix=".npy",
+                                   dir=self.store.path)
         os.close(fd)
         try:
             with open(tmp, "wb") as f:  # written, not mapped: the file's pages do not join this process
@@ -213,11 +231,24 @@ class StoredRows:
                           "shape": (len(keys), dim)}
                 np.lib.format.write_array_header_2_0(f, header)
                 for start in range(0, len(keys), CHUNK):
-                    rows, _ = self.rows.read_rows(keys[start : start + CHUNK], READ_THREADS)
+                    rows, found = self.rows.read_rows(keys[start : start + CHUNK], READ_THREADS)
+                    if not found.all():
+                        raise CorruptTableError(f"{self.rows.path}: rows vanished while {self.name!r} was published "
+                                                "(the table changed under the trainer's lock)")
                     f.write(np.ascontiguousarray(rows[:, :dim]).tobytes())
             return serving_store.load_table(name, keys, tmp)
         finally:
             os.unlink(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _mapped_file_bytes() -> int:

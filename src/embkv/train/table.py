@@ -1,13 +1,11 @@
 """``TrainingTable``: an embedding table to train, larger than memory, on the files embkv serves from.
 
 Rows live in embkv tables of the store (stored.py: the last checkpoint's rows and a spill of
-what came since, weights and optimizer state side by side); a hot-row cache of
-``cache_bytes`` holds the rows in use, in process memory, and writes dirty ones back when it
-evicts them. ``pull`` returns rows (loading misses in one batched call, or having had a
-background thread load them from ``next_ids``), ``push`` runs the optimizer on the summed
-gradient of each row, ``checkpoint`` makes everything durable (checkpoint.py explains the
-protocol), ``publish`` writes the weights as a serving table. A training table is also an
-:class:`embkv.EmbeddingTable` (``get``/``put``/``delete``/``keys``/``export`` on its weights).
+what came since, weights and optimizer state side by side); a hot-row cache of ``cache_bytes``
+holds the rows in use and writes dirty ones back when it evicts them. ``pull`` returns rows
+(misses loaded in one batched call, or by a background thread from ``next_ids``), ``push`` runs
+the optimizer, ``checkpoint`` makes everything durable (checkpoint.py), ``publish`` writes the
+weights as a serving table. It is also an :class:`embkv.EmbeddingTable` over its weights.
 
 Thread safety: every public method takes the table's lock; the prefetch thread takes it too,
 and drops it while it reads rows. Processes: one sole trainer, or several opened with
@@ -17,6 +15,7 @@ Do not use a table in a process forked from its trainer: open it again there.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Literal
@@ -32,7 +31,7 @@ from .admission import AdmissionCounters
 from .cache import HotCache, slot_bytes
 from .checkpoint import TrainRecord, load_counters, record_path, remove_counters_except, save_counters
 from .init import initial_vectors
-from .inputs import as_ids, as_rows, last_of_duplicates
+from .inputs import as_ids, as_rows, check_settings, last_of_duplicates
 from .locks import TrainerLocks
 from .optimizers import Optimizer, optimizer_from_config, sum_duplicates
 from .prefetch import Prefetcher
@@ -68,25 +67,19 @@ class TrainingTable(WeightsView):
     another ``dim`` or another kind of optimizer raises :class:`SchemaError` naming both (the
     optimizer's settings, such as its learning rate, may change between runs).
 
-    ``shared=True``: several trainer processes of this host train the table together, each
-    opened with ``shared=True`` (a sole trainer and shared ones refuse each other with
-    :class:`WriterLockedError`). What they may expect: every push reads the current row,
-    applies its update and writes it back under a lock the trainers take in turn, so no update
-    is lost or half applied and every push has its own step; a pull returns the rows as the
-    last push of any trainer left them (a gradient may so be applied to a row another trainer
-    changed after the pull: asynchronous SGD); the staleness bound counts the pulls of each
-    process; a checkpoint by any trainer makes every trainer's pushes durable, and reopening
-    after all of them stopped gives the last checkpoint. Shared trainers write every push
-    through to the spill table, so the page cache, shared by all of them, caches the rows and
-    ``cache_bytes`` bounds only the pulled rows each holds; admission (``admit_after``) needs a
-    sole trainer. A trainer killed mid-checkpoint leaves its merge to the next checkpoint or
-    open, which then also keeps the pushes made meanwhile.
+    ``shared=True``: several trainer processes of this host train the table together (a sole
+    trainer and shared ones refuse each other: :class:`WriterLockedError`). Each push reads the
+    current rows, updates them and writes them back in one put, under a lock taken in turn: no
+    update lost or half applied, a step each. A pull sees the last push of any trainer (a
+    gradient may meet a row changed since its pull: asynchronous SGD); the staleness bound is
+    per process; any trainer's checkpoint covers every trainer's pushes. The page cache, shared
+    by all, caches the rows (``cache_bytes`` bounds each one's pulled rows); ``admit_after``
+    needs a sole trainer; a merge cut short by a kill is finished by the next checkpoint or open.
 
-    As an :class:`embkv.EmbeddingTable`: int64 keys, float32 weights (without optimizer
-    state); a row exists once pulled (and admitted) or put; ``put`` is ``push_rows`` and refuses
-    NaN and inf; ``delete`` takes effect in the cache at once and in the files at the next
-    checkpoint; writes are durable from the next checkpoint (``capabilities.durable`` is
-    False); ``len`` and ``keys`` scan the stored keys.
+    As an :class:`embkv.EmbeddingTable`: int64 keys, float32 weights (not the state); a row
+    exists once put or pushed (a sole trainer's also once pulled and admitted); ``put`` is
+    ``push_rows`` (NaN and inf refused); ``delete`` acts on the cache now and on the files at the
+    next checkpoint, when writes become durable; ``len`` and ``keys`` scan the stored keys.
     """
 
     dtype = np.dtype(np.float32)
@@ -97,18 +90,8 @@ class TrainingTable(WeightsView):
                  init_std: float = 0.01, seed: int = 0, staleness: int = 0, admit_after: int = 0,
                  evict_after_steps: int = 0, shared: bool = False) -> None:
         check_name(name)
-        if not isinstance(optimizer, Optimizer):
-            raise SchemaError(f"optimizer must be embkv.train.SGD, Adagrad or Adam, got {optimizer!r}")
-        for label, value in (("dim", dim), ("staleness", staleness), ("admit_after", admit_after),
-                             ("evict_after_steps", evict_after_steps), ("seed", seed)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-                raise SchemaError(f"{label} must be an int >= 0, got {value!r}")
-        if not 0 < dim <= 1 << 16:
-            raise SchemaError(f"dim must be in 1..65536, got {dim}")
-        if not (isinstance(init_std, (int, float)) and np.isfinite(init_std) and init_std >= 0):
-            raise SchemaError(f"init_std must be finite and >= 0, got {init_std!r}")
-        if shared and admit_after > 1:
-            raise SchemaError("admit_after needs a sole trainer: its counters live in one process (shared=False)")
+        check_settings(dim, optimizer, cache_bytes=cache_bytes, init_std=init_std, seed=seed, staleness=staleness,
+                       admit_after=admit_after, evict_after_steps=evict_after_steps, shared=shared)
         self.store = store
         self.name = name
         self.dim = int(dim)
@@ -121,18 +104,19 @@ class TrainingTable(WeightsView):
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._closed = False
-        self._locks = TrainerLocks(store.path, name, self.shared)
-        try:
-            self._open(init_std, int(seed), int(admit_after), int(evict_after_steps))
-            self.cache = HotCache(cache_bytes, self.width)
-        except BaseException:
-            self._locks.close()
-            raise
+        self._pid = os.getpid()
         self._stats = {"pulls": 0, "pushes": 0, "hits": 0, "misses": 0, "loaded": 0, "initialized": 0,
                        "not_admitted": 0, "evictions": 0, "written_back": 0, "prefetched": 0,
                        "skipped_rows": 0, "seconds_stalled": 0.0, "checkpoints": 0}
-        self._generation = 0  # bumped by evictions and checkpoints: a prefetch that spans one is dropped
-        self._prefetcher = Prefetcher(self._prefetch, name=f"embkv-prefetch-{name}")
+        self._generation = 0  # bumped by whatever changes rows behind the cache: a prefetch spanning it is dropped
+        self._locks = TrainerLocks(store.path, name, self.shared)
+        try:
+            self._open(init_std, int(seed), int(admit_after), int(evict_after_steps))
+            self.cache = HotCache(int(cache_bytes), self.width)
+            self._prefetcher = Prefetcher(self._prefetch, name=f"embkv-prefetch-{name}")
+        except BaseException:
+            self._locks.close()
+            raise
 
     def _open(self, init_std: float, seed: int, admit_after: int, evict_after_steps: int) -> None:
         folder = self.store.path
@@ -156,6 +140,7 @@ class TrainingTable(WeightsView):
             self._seen.set(ids, counts)
         self.step = record.step
         if self._locks.first:  # no other trainer has it open: recover what a crash left
+            self.stored.remove_stale_publish_files()
             if record.merging:
                 self._merge()  # the last checkpoint committed but did not finish: finish it now
             else:
@@ -168,15 +153,12 @@ class TrainingTable(WeightsView):
 
     # ---------------------------------------------------------------- inputs
 
-    def _ids(self, ids: Any) -> np.ndarray:
-        return as_ids(ids, self.name)
-
-    def _rows(self, values: Any, n: int, width: int, what: str) -> np.ndarray:
-        return as_rows(values, n, width, what, self.name)
-
     def _require_open(self) -> None:
         if self._closed:
             raise TableClosedError(f"training table {self.name!r} is closed")
+        if os.getpid() != self._pid:  # its cache and locks are the parent's
+            raise TableClosedError(f"training table {self.name!r} was opened by process {self._pid}: a forked "
+                                   "child opens the table again")
 
     # ---------------------------------------------------------------- rows into the cache
 
@@ -283,14 +265,14 @@ class TrainingTable(WeightsView):
         one more pin, taken before the misses load: making room may wait (the lock released),
         and the rows found first must not be evicted meanwhile. The caller keeps or drops it."""
         cache = self.cache
-        slots = cache.locate(uniq)
-        hit = slots >= 0
-        cache.pins[slots[hit]] += 1
-        self._stats["hits"] += int(hit.sum())
-        admitted = hit.copy()
-        if not hit.all():
+        while True:
+            slots = cache.locate(uniq)
+            hit = slots >= 0
+            cache.pins[slots[hit]] += 1
+            admitted = hit.copy()
+            if hit.all():
+                break
             miss = np.flatnonzero(~hit)
-            self._stats["misses"] += len(miss)
             t0 = time.perf_counter()
             try:
                 got, ok = self._load(uniq[miss], slots, count_seen=count_seen)
@@ -298,9 +280,16 @@ class TrainingTable(WeightsView):
                 cache.pins[slots[hit]] -= 1  # the call fails whole: its pins go too
                 raise
             self._stats["seconds_stalled"] += time.perf_counter() - t0
+            kept = cache.locate(uniq[hit]) == slots[hit]
+            if not kept.all():  # a delete freed hit rows while the load waited: their slots may be
+                cache.pins[slots[hit][kept]] -= 1  # another id's now, so look them all up again
+                continue
             cache.pins[got[ok]] += 1
             slots[miss] = got
             admitted[miss] = ok
+            self._stats["misses"] += len(miss)
+            break
+        self._stats["hits"] += int(hit.sum())
         return slots, admitted
 
     # ---------------------------------------------------------------- pull and push
@@ -312,8 +301,8 @@ class TrainingTable(WeightsView):
         the model computes. A row already pulled ``staleness + 1`` times without a push makes
         the pull wait for those pushes (``block=False``: raise :class:`StalenessError`).
         """
-        ids = self._ids(ids)
-        nxt = None if next_ids is None else self._ids(next_ids)
+        ids = as_ids(ids, self.name)
+        nxt = None if next_ids is None else as_ids(next_ids, self.name)
         with self._lock:
             self._require_open()
             uniq, inverse = np.unique(ids, return_inverse=True)
@@ -335,7 +324,7 @@ class TrainingTable(WeightsView):
 
     def prefetch(self, ids: Any) -> None:
         """Have the background thread load the rows of ``ids`` into the cache (a hint: returns at once)."""
-        ids = self._ids(ids)
+        ids = as_ids(ids, self.name)
         self._require_open()
         if len(ids):
             self._prefetcher.submit(ids)
@@ -343,7 +332,7 @@ class TrainingTable(WeightsView):
     def release(self, ids: Any) -> None:
         """End the pulls of ``ids`` without an update (rows pulled for evaluation, or a batch
         dropped), so the staleness bound does not wait for pushes that never come."""
-        ids = self._ids(ids)
+        ids = as_ids(ids, self.name)
         with self._lock:
             self._require_open()
             slots = self.cache.locate(np.unique(ids))
@@ -376,8 +365,8 @@ class TrainingTable(WeightsView):
         ``skip_nonfinite=True`` their rows of the batch are dropped (counted in ``stats()``).
         Ids not admitted yet are ignored.
         """
-        ids = self._ids(ids)
-        grads = self._rows(grads, len(ids), self.dim, "grads")
+        ids = as_ids(ids, self.name)
+        grads = as_rows(grads, len(ids), self.dim, "grads", self.name)
         finite = np.isfinite(grads).all(axis=1)
         if not finite.all():
             if not skip_nonfinite:
@@ -404,9 +393,10 @@ class TrainingTable(WeightsView):
                 self.cache.data[s, : self.dim] = weights
                 self.cache.data[s, self.dim :] = state
                 self.cache.last[s] = self.step
-                if self.shared:
-                    self.stored.write(uniq[admitted], self.cache.data[s], self.cache.last[s])
+                if self.shared:  # the step first: a trainer killed after it leaves a gap, not a step used twice
                     self._locks.write_step(self.step)
+                    self.stored.write(uniq[admitted], self.cache.data[s], self.cache.last[s], atomic=True)
+                    self._generation += 1
                 else:
                     self.cache.dirty[s] = True
             self.cache.pins[s] = np.maximum(self.cache.pins[s] - 1, 0)
@@ -416,10 +406,10 @@ class TrainingTable(WeightsView):
     def push_rows(self, ids: Any, rows: Any, state: Any = None) -> None:
         """Set the weights (and optimizer state, else its initial value) of ``ids``: a bulk load, or
         training with your own optimizer. Admission does not apply; the last of duplicates wins."""
-        ids = self._ids(ids)
-        rows = self._rows(rows, len(ids), self.dim, "rows")
+        ids = as_ids(ids, self.name)
+        rows = as_rows(rows, len(ids), self.dim, "rows", self.name)
         st = (self.optimizer.initial_state(len(ids), self.dim) if state is None
-              else self._rows(state, len(ids), self.state_dim, "state"))
+              else as_rows(state, len(ids), self.state_dim, "state", self.name))
         if not (np.isfinite(rows).all() and np.isfinite(st).all()):
             raise SchemaError(f"training table {self.name!r}: rows or state hold NaN or inf; nothing was written")
         with self._lock:
@@ -431,9 +421,10 @@ class TrainingTable(WeightsView):
             self._seen.forget(uniq)
             bulk = int((self.cache.locate(uniq) < 0).sum()) > self.cache.capacity // 4
             if self.shared or bulk:  # straight to the files; cached copies follow
+                self._generation += 1  # a prefetch reading these rows meanwhile must not cache the old ones
                 with self._locks.mutex():
                     step = self._locks.read_step() if self.shared else self.step
-                    self.stored.write(uniq, full, np.full(len(uniq), step))
+                    self.stored.write(uniq, full, np.full(len(uniq), step), atomic=self.shared)
                 slots = self.cache.locate(uniq)
                 self.cache.data[slots[slots >= 0]] = full[slots >= 0]
                 self.cache.dirty[slots[slots >= 0]] = False  # the spill has them now
@@ -458,7 +449,7 @@ class TrainingTable(WeightsView):
     def read(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """``(rows [B, dim + state_dim], exists [B])``: weights and optimizer state as they are now,
         the initial values where no row exists. Pins nothing and counts no sighting."""
-        ids = self._ids(ids)
+        ids = as_ids(ids, self.name)
         with self._lock:
             self._require_open()
             uniq, inverse = np.unique(ids, return_inverse=True)
@@ -560,8 +551,9 @@ class TrainingTable(WeightsView):
 
     def delete(self, keys: Any) -> int:
         """Remove rows (and their state) now; the files lose them at the next checkpoint. Returns
-        how many existed. Pulls of them still outstanding end; a later pull starts them anew."""
-        ids = self._ids(keys)
+        how many existed. Pulls of them still outstanding end: a push of such a pull, like any
+        push of an id without a row, starts the row anew from its initial vector."""
+        ids = as_ids(keys, self.name)
         with self._lock:
             self._require_open()
             if not len(ids):
@@ -580,7 +572,7 @@ class TrainingTable(WeightsView):
 
     def keys(self) -> np.ndarray:
         """The ids that have a row now (sorted int64): a scan of the stored keys."""
-        with self._lock:
+        with self._lock, self._locks.mutex():
             self._require_open()
             stored = self.stored.keys()
             if self.shared:
@@ -588,15 +580,23 @@ class TrainingTable(WeightsView):
             result: np.ndarray = np.union1d(stored, self.cache.ids[self.cache.used])
             return result
 
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every ``(ids, weights)`` that exists now (sorted by id), in one snapshot: no other
+        thread, nor another shared trainer, changes rows between the scan and the reads."""
+        with self._lock, self._locks.mutex():
+            keys = self.keys()
+            rows, found = self.read(keys)
+        return keys[found], np.ascontiguousarray(rows[found, : self.dim])
+
     def info(self) -> dict[str, Any]:
         """Schema and counts: name, dim, dtype, key_type, rows, and the training settings."""
         with self._lock:
             self._require_open()
-            return {"name": self.name, "dim": self.dim, "dtype": "float32", "key_type": "int64", "rows": len(self),
-                    "kind": "training", "optimizer": self.optimizer.config(), "state_dim": self.state_dim,
-                    "step": self.step, "epoch": self.record.epoch, "shared": self.shared,
-                    "cache_rows": self.cache.capacity, "staleness": self.staleness,
-                    "admit_after": self.record.admit_after, "evict_after_steps": self.record.evict_after_steps}
+            r = self.record
+            return dict(name=self.name, dim=self.dim, dtype="float32", key_type="int64", rows=len(self), kind="train",
+                        optimizer=self.optimizer.config(), state_dim=self.state_dim, step=self.step, epoch=r.epoch,
+                        shared=self.shared, cache_rows=self.cache.capacity, staleness=self.staleness,
+                        admit_after=r.admit_after, evict_after_steps=r.evict_after_steps)
 
     # ---------------------------------------------------------------- publish, stats, close
 
@@ -606,7 +606,7 @@ class TrainingTable(WeightsView):
 
         The weights stream through a temporary ``.npy`` file beside the training table, so a table
         larger than memory publishes in this process's memory of its keys (8 bytes a row)."""
-        with self._lock:
+        with self._lock, self._locks.mutex():  # no other trainer's checkpoint while the rows stream
             self.checkpoint()
             return self.stored.publish_weights(serving_store, name, self.dim)
 
@@ -643,6 +643,5 @@ class TrainingTable(WeightsView):
         self.close()
 
     def __repr__(self) -> str:
-        return (f"TrainingTable({self.name!r}, dim={self.dim}, optimizer={self.optimizer!r}, "
-                f"step={self.step}, cache_rows={self.cache.capacity}, shared={self.shared})")
+        return f"TrainingTable({self.name!r}, dim={self.dim}, optimizer={self.optimizer!r}, step={self.step})"
 

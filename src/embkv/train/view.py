@@ -1,7 +1,7 @@
 """The :class:`embkv.EmbeddingTable` reads of a training table, on three of its own calls.
 
-:class:`WeightsView` gives ``get``, ``get_tagged``, ``get_fresh``, ``contains``, ``len``,
-iteration and ``export`` to a class with ``read(ids)`` (weights | state rows as they are now,
+:class:`WeightsView` gives ``get``, ``get_tagged``, ``get_fresh``, ``contains``, ``len`` and
+iteration to a class with ``read(ids)`` (weights | state rows as they are now,
 and which exist), ``keys()`` and ``dim``: the weights columns are the table's vectors, the
 optimizer state stays out of sight, and training rows keep no tags of the caller's (their tags
 are steps), so every row present is fresh.
@@ -65,8 +65,13 @@ class WeightsView:
     def get_fresh(self, keys: Any, min_version: int, max_age: int = 0, default: Any = None,
                   stats: Any = None, stale_as_miss: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
         """As for any untagged table: every row present is fresh (``embkv.HIT``), the rest ``embkv.OOV``."""
+        for label, value in (("min_version", min_version), ("max_age", max_age)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise SchemaError(f"{label} must be an int, got {value!r}")
         if min_version < 0:
             raise SchemaError(f"min_version must not be negative, got {min_version}")
+        if max_age < 0:
+            raise ValueError(f"max_age must not be negative, got {max_age}")  # as the file table says
         counters = _stats_buffer(stats)
         vectors, found = self.get(keys, default)
         fresh = int(found.sum())
@@ -91,8 +96,3 @@ class WeightsView:
     def __len__(self) -> int:
         """Rows that exist now (a scan of the stored keys, as :meth:`keys` makes)."""
         return len(self.keys())
-
-    def export(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every ``(ids, weights)`` that exists now (sorted by id)."""
-        keys = self.keys()
-        return keys, np.ascontiguousarray(self.read(keys)[0][:, : self.dim])
