@@ -30,6 +30,7 @@ __all__ = [
     "is_memory_path",
     "keep_previous",
     "lock_path",
+    "pid_alive",
     "remove_stale_temps",
     "temp_path",
     "wait_for_flock",
@@ -152,13 +153,14 @@ def remove_stale_temps(folder: str) -> None:
             pid = int(parts[-3])
         except (ValueError, IndexError):
             continue
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, entry))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts: it cannot be signalled, but it lives)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

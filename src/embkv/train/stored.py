@@ -23,6 +23,7 @@ import tempfile
 import numpy as np
 
 from ..errors import CorruptTableError
+from ..file.publish import pid_alive
 from ..file.store import Store
 from ..file.table import Table
 
@@ -197,7 +198,7 @@ class StoredRows:
             if not (entry.startswith(prefix) and entry.endswith(".npy")):
                 continue
             pid = entry[len(prefix) :].split(".", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.store.path, entry))
 
@@ -239,16 +240,6 @@ class StoredRows:
             return serving_store.load_table(name, keys, tmp)
         finally:
             os.unlink(tmp)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _mapped_file_bytes() -> int:
