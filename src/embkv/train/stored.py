@@ -30,10 +30,10 @@ from ..file.table import Table
 __all__ = ["TOMBSTONE_BITS", "StoredRows"]
 
 CHUNK = 8192  # rows per read when merging or scanning: 4 MiB of dim-64 Adagrad rows
-# rows per put, then this process's pages of the table are dropped: a put reads each row it
-# replaces and its index slot through the mapping, and every such read fault also maps up to
-# 64 KiB of neighbouring page-cache pages (the kernel's fault-around), so a put maps up to
-# 128 KiB a row: 256 rows keep it under 32 MiB (18 MiB measured)
+# rows per put: a put reads each row it replaces and its index slot through the mapping, and
+# every such read fault also maps up to 64 KiB of neighbouring page-cache pages (the kernel's
+# fault-around), so a put maps up to 128 KiB a row before the budget below can drop it: 256 rows
+# keep one put under 32 MiB (18 MiB measured)
 WRITE_CHUNK = 256
 # file pages a trainer may keep mapped before it drops them: pages written are dropped once this
 # process maps this much more file memory than after its last drop, not after every put, so the
@@ -124,10 +124,14 @@ class StoredRows:
         cache), so a trainer's memory does not grow with the rows it spills. ``atomic``: one put,
         so that a trainer killed in the middle leaves all of it or none (a shared trainer's push,
         which the others may checkpoint)."""
-        chunk = max(1, len(ids)) if atomic else WRITE_CHUNK
+        self._put(self.spill, ids, rows, steps.astype(np.uint64), max(1, len(ids)) if atomic else WRITE_CHUNK)
+
+    def _put(self, table: Table, ids: np.ndarray, rows: np.ndarray, tags: np.ndarray,
+             chunk: int = WRITE_CHUNK) -> None:
+        """Upsert into one of the two tables ``chunk`` rows a put, within the mapped budget."""
         for start in range(0, len(ids), chunk):
             end = start + chunk
-            self.spill.put(ids[start:end], rows[start:end], tags=steps[start:end].astype(np.uint64))
+            table.put(ids[start:end], rows[start:end], tags=tags[start:end])
             self.keep_mapped_within_budget()
 
     def delete(self, ids: np.ndarray) -> None:
@@ -152,11 +156,8 @@ class StoredRows:
             part = keys[start : start + CHUNK]
             vectors, found, tags = self.spill.get_tagged(part)
             dead = _tombstones(vectors)
-            live = np.flatnonzero(found & ~dead)
-            for at in range(0, len(live), WRITE_CHUNK):
-                take = live[at : at + WRITE_CHUNK]
-                self.rows.put(part[take], vectors[take], tags=tags[take])
-                self.keep_mapped_within_budget()
+            live = found & ~dead
+            self._put(self.rows, part[live], vectors[live], tags[live])
             if dead.any():
                 self.rows.delete(part[dead])
             self.release_pages()
@@ -214,7 +215,6 @@ class StoredRows:
         mapped = _mapped_file_bytes()
         if mapped < 0 or mapped - self._mapped_after_release > MAPPED_BUDGET:
             self.release_pages()
-
 
     def publish_weights(self, serving_store: Store, name: str, dim: int) -> Table:
         """Load the first ``dim`` columns of the checkpointed rows as table ``name`` of ``serving_store``.

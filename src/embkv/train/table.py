@@ -395,8 +395,8 @@ class TrainingTable(WeightsView):
                 self.cache.last[s] = self.step
                 if self.shared:  # the step first: a trainer killed after it leaves a gap, not a step used twice
                     self._locks.write_step(self.step)
+                    # (no generation bump: a shared pull rereads its rows from the files anyway)
                     self.stored.write(uniq[admitted], self.cache.data[s], self.cache.last[s], atomic=True)
-                    self._generation += 1
                 else:
                     self.cache.dirty[s] = True
             self.cache.pins[s] = np.maximum(self.cache.pins[s] - 1, 0)
@@ -560,9 +560,9 @@ class TrainingTable(WeightsView):
                 return 0
             uniq = np.unique(ids)
             with self._locks.mutex():
-                _, found = self._rows_now(uniq)
                 stored = self.stored.read(uniq)[1]
                 slots = self.cache.locate(uniq)
+                found = stored if self.shared else stored | (slots >= 0)  # as _rows_now counts a row
                 self.cache.remove(slots[slots >= 0])
                 self.stored.delete(uniq[stored])
                 self._seen.forget(uniq)
